@@ -1,0 +1,74 @@
+"""Developer tasks for peerkit.
+
+``nox`` runs the default sessions (tests, lint, typecheck, docs);
+``nox -s bench -- ARGS`` runs the benchmarks, which are never part of the default run.
+Arguments after ``--`` are passed on to pytest (``tests``) and to ``peerkit.bench`` (``bench``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+PYTHON = "3.11"
+ROOT = Path(__file__).parent
+
+# Lint targets. Directories that do not exist (yet) are skipped, because ruff
+# reports a missing path as an error.
+LINT_PATHS = ["peerkit", "tests", "examples", "noxfile.py", "docs/conf.py"]
+
+nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+
+
+def _existing(paths: list[str]) -> list[str]:
+    return [p for p in paths if (ROOT / p).exists()]
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the test suite (pytest; pass pytest arguments after ``--``)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """Check style and formatting with ruff (fix with ``ruff check --fix`` / ``ruff format``)."""
+    session.install("ruff")
+    paths = _existing(LINT_PATHS)
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", "--diff", *paths)
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """Type-check the package with mypy --strict."""
+    # The package and its test extra are installed so that mypy sees the real
+    # types of trio, attrs, cattrs and pytest (peerkit.testing uses pytest).
+    session.install("-e", ".[test]", "mypy")
+    session.run("mypy", "--strict", "peerkit", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the HTML documentation; any Sphinx warning is an error."""
+    # autodoc imports every module, including peerkit.testing, hence the test extra.
+    session.install("-e", ".[docs,test]")
+    session.run(
+        "sphinx-build",
+        "-W",
+        "--keep-going",
+        "-b",
+        "html",
+        "docs",
+        "docs/_build/html",
+        *session.posargs,
+    )
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks (``python -m peerkit.bench``); figures are reported, not asserted."""
+    session.install("-e", ".")
+    session.run("python", "-m", "peerkit.bench", *session.posargs)
