@@ -1,0 +1,62 @@
+"""peerkit: a trio structured-concurrency peer runtime.
+
+Peers exchange typed messages and queries through a WebSocket broker; every peer lives in one
+trio nursery and follows a strict lifecycle (see :mod:`peerkit.states`).
+"""
+
+from .broker import Broker
+from .errors import (
+    BrokerConnectError,
+    BrokerLostError,
+    BrokerRequestError,
+    DecodeError,
+    DuplicatePeerId,
+    HandlerAlreadyRegistered,
+    HandlerGoneError,
+    HandshakeRejected,
+    InvalidStateTransition,
+    MessageTooLarge,
+    MultiplePeersAvailable,
+    NoHandlerError,
+    NotConnectedException,
+    PeerkitError,
+    QueryAnswerUnknown,
+    QueryTimeout,
+    RemoteError,
+    ShuttingDownException,
+    UnknownMessageType,
+)
+from .messages import Message, message
+from .peer import Peer, query_handler, subscribe
+from .states import PeerState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Broker",
+    "BrokerConnectError",
+    "BrokerLostError",
+    "BrokerRequestError",
+    "DecodeError",
+    "DuplicatePeerId",
+    "HandlerAlreadyRegistered",
+    "HandlerGoneError",
+    "HandshakeRejected",
+    "InvalidStateTransition",
+    "Message",
+    "MessageTooLarge",
+    "MultiplePeersAvailable",
+    "NoHandlerError",
+    "NotConnectedException",
+    "Peer",
+    "PeerState",
+    "PeerkitError",
+    "QueryAnswerUnknown",
+    "QueryTimeout",
+    "RemoteError",
+    "ShuttingDownException",
+    "UnknownMessageType",
+    "message",
+    "query_handler",
+    "subscribe",
+]

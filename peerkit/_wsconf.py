@@ -1,0 +1,16 @@
+"""Shared WebSocket settings of broker and peer (internal)."""
+
+from __future__ import annotations
+
+#: Bytes of envelope headers allowed on top of a message body in one frame.
+FRAME_OVERHEAD = 64 * 1024
+
+
+def ws_max_frame(max_message_size: int) -> int:
+    """Largest WebSocket message either side accepts: one full body plus batching room."""
+    return 2 * max_message_size + FRAME_OVERHEAD
+
+
+def batch_limit(max_message_size: int) -> int:
+    """A writer stops adding envelopes to a frame past this many bytes."""
+    return max_message_size + FRAME_OVERHEAD // 2

@@ -1,0 +1,722 @@
+"""The broker: a trio-websocket server that routes envelopes between peers.
+
+It decodes only envelope headers and control bodies; published messages and query bodies are
+forwarded as opaque bytes, packed once however many subscribers receive them. Each connection
+has a bounded outgoing queue drained by one writer task that batches everything queued into
+one WebSocket frame. The broker never waits for a slow peer: on overflow it drops published
+messages and tells the subscriber how many (or disconnects it, by option).
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import ipaddress
+import logging
+import math
+import ssl
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Literal
+
+import trio
+import trio_websocket
+
+from . import codec
+from ._util import raise_single
+from ._wsconf import batch_limit, ws_max_frame
+from .codec import DEFAULT_MAX_MESSAGE_SIZE, Envelope, control, pack_envelope
+from .errors import (
+    BrokerRequestError,
+    DecodeError,
+    MultiplePeersAvailable,
+    NoHandlerError,
+    PeerkitError,
+)
+from .messages import BrokerGoodbyeMsg, BrokerShutdownMsg, MessagesDropped, PanickMsg
+from .protocol import (
+    PROTOCOL_VERSION,
+    BrokerInfo,
+    Hello,
+    Kind,
+    PeerInfo,
+    PeerStateReport,
+    QueryFailed,
+    RegisterHandler,
+    Reject,
+    RequestFailed,
+    Welcome,
+)
+from .routing import PendingQuery, RoutingTable
+
+__all__ = ["BROKER_ID", "Broker"]
+
+log = logging.getLogger("peerkit.broker")
+
+#: The sender id the broker uses for messages it publishes itself.
+BROKER_ID = "broker"
+_RESERVED_IDS = frozenset({BROKER_ID, ""})
+_MAX_ID_LEN = 200
+
+_PANICK_TYPE = PanickMsg.message_type()
+_PUB = int(Kind.PUB)
+
+
+class _Conn:
+    """One authenticated peer connection, seen from the broker."""
+
+    __slots__ = (
+        "dropped_pending",
+        "dropped_total",
+        "goodbye",
+        "last_seen",
+        "limit",
+        "msgs_in",
+        "msgs_out",
+        "out",
+        "peer_id",
+        "scope",
+        "state",
+        "wakeup",
+        "ws",
+    )
+
+    def __init__(self, peer_id: str, ws: trio_websocket.WebSocketConnection, limit: int) -> None:
+        self.peer_id = peer_id
+        self.ws = ws
+        self.limit = limit
+        self.out: collections.deque[bytes] = collections.deque()
+        self.wakeup = trio.Event()
+        self.dropped_pending = 0
+        self.dropped_total = 0
+        self.goodbye: BrokerGoodbyeMsg | None = None
+        self.last_seen = trio.current_time()
+        self.scope = trio.CancelScope()
+        self.msgs_in = 0
+        self.msgs_out = 0
+        self.state = "connected"
+
+    def push(self, data: bytes) -> None:
+        """Queue a control envelope (never dropped: bounded by the protocol itself)."""
+        self.out.append(data)
+        self.wakeup.set()
+
+    def push_pub(self, data: bytes) -> bool:
+        """Queue a published message; False (and counted) if the queue is full."""
+        if len(self.out) >= self.limit:
+            self.dropped_pending += 1
+            self.dropped_total += 1
+            return False
+        self.out.append(data)
+        self.wakeup.set()
+        return True
+
+
+class Broker:
+    """Routes typed messages and queries between peers over WebSocket.
+
+    ``await nursery.start(broker.run)`` returns once the broker listens; ``broker.url`` is
+    then ``ws://host:port``. ``async with Broker() as broker:`` does the same with its own
+    nursery and shuts down cleanly on exit (every peer receives ``BrokerShutdownMsg``).
+
+    Options:
+
+    * ``token``: shared secret every peer must present. Required to bind an address other
+      than loopback.
+    * ``ssl_context``: serve ``wss://`` with this server-side :class:`ssl.SSLContext`.
+    * ``max_message_size``: largest message body in bytes (default 1 MiB). Bigger published
+      messages are refused with an error to their sender; the connection is kept.
+    * ``max_peers``: connections beyond this are rejected.
+    * ``handshake_timeout``: seconds a new connection has to say hello.
+    * ``heartbeat_interval`` / ``heartbeat_timeout``: peers send a heartbeat every interval;
+      a peer silent for ``heartbeat_timeout`` seconds is dropped and a ``PanickMsg`` is
+      published on its behalf.
+    * ``send_queue_size``: outgoing envelopes queued per connection before published
+      messages are dropped for it.
+    * ``overflow``: ``"drop"`` (default: drop and tell the subscriber how many) or
+      ``"disconnect"`` (close a subscriber that cannot keep up).
+    * ``grace_period``: seconds a clean shutdown waits for peers to say goodbye.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_peers: int = 10_000,
+        handshake_timeout: float = 5.0,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 5.0,
+        send_queue_size: int = 10_000,
+        overflow: Literal["drop", "disconnect"] = "drop",
+        grace_period: float = 2.0,
+    ) -> None:
+        _check_bind(host, token)
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise PeerkitError(f"port must be an integer in 0..65535, got {port!r}")
+        if overflow not in ("drop", "disconnect"):
+            raise PeerkitError(f"overflow must be 'drop' or 'disconnect', got {overflow!r}")
+        for name, value in (
+            ("max_message_size", max_message_size),
+            ("max_peers", max_peers),
+            ("send_queue_size", send_queue_size),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise PeerkitError(f"{name} must be a positive integer, got {value!r}")
+        for name, fvalue in (
+            ("handshake_timeout", handshake_timeout),
+            ("heartbeat_interval", heartbeat_interval),
+            ("heartbeat_timeout", heartbeat_timeout),
+            ("grace_period", grace_period),
+        ):
+            if not isinstance(fvalue, int | float) or not fvalue > 0 or math.isinf(fvalue):
+                raise PeerkitError(f"{name} must be a positive number of seconds, got {fvalue!r}")
+        if heartbeat_timeout <= heartbeat_interval:
+            raise PeerkitError(
+                "heartbeat_timeout must be longer than heartbeat_interval "
+                f"({heartbeat_timeout} <= {heartbeat_interval})"
+            )
+        self.host = host
+        self._port = port
+        self.token = token
+        self.ssl_context = ssl_context
+        self.max_message_size = max_message_size
+        self.max_peers = max_peers
+        self.handshake_timeout = float(handshake_timeout)
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.heartbeat_timeout = float(heartbeat_timeout)
+        self.send_queue_size = send_queue_size
+        self.overflow = overflow
+        self.grace_period = float(grace_period)
+
+        self.routing = RoutingTable()
+        self._conns: dict[str, _Conn] = {}
+        self._batch_limit = batch_limit(max_message_size)
+        self._started = False
+        self._listening = False
+        self._shutting_down = False
+        self._shutdown_requested = trio.Event()
+        self._all_gone = trio.Event()
+        self._all_gone.set()
+        self._finished = trio.Event()
+        self._cm_nursery: Any = None
+        #: Called (sync) with ``(peer_id, reason)`` whenever a peer leaves; for embedders.
+        self.on_peer_left: Callable[[str, str], None] | None = None
+
+    # ------------------------------------------------------------------ public
+    @property
+    def port(self) -> int:
+        """The bound port (after the broker started listening)."""
+        if not self._listening:
+            raise PeerkitError("the broker is not listening yet; start it with nursery.start")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``ws://host:port`` (or ``wss://``) once listening."""
+        scheme = "wss" if self.ssl_context else "ws"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+    @property
+    def peer_ids(self) -> list[str]:
+        """Ids of the connected (handshaken) peers."""
+        return sorted(self._conns)
+
+    def info(self) -> BrokerInfo:
+        """A snapshot of every connected peer (what ``peerkit peers`` shows)."""
+        return BrokerInfo(
+            peers=[
+                PeerInfo(
+                    peer_id=c.peer_id,
+                    subscriptions=self.routing.subscriptions_of(c.peer_id),
+                    query_handlers=self.routing.handlers_of(c.peer_id),
+                    queued=len(c.out),
+                    dropped=c.dropped_total,
+                    msgs_in=c.msgs_in,
+                    msgs_out=c.msgs_out,
+                    state=c.state,
+                )
+                for c in sorted(self._conns.values(), key=lambda c: c.peer_id)
+            ]
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[Broker] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`shutdown` (clean) or cancellation (abrupt)."""
+        if self._started:
+            raise PeerkitError("Broker.run() can be called only once; create a new Broker")
+        self._started = True
+        try:
+            async with trio.open_nursery() as nursery:
+                server = await nursery.start(
+                    _serve,
+                    self._handle_connection,
+                    self.host,
+                    self._port,
+                    self.ssl_context,
+                    ws_max_frame(self.max_message_size),
+                    self.handshake_timeout,
+                    self.grace_period,
+                )
+                self._port = server.port
+                self._listening = True
+                nursery.start_soon(self._monitor)
+                log.info("broker listening on %s", self.url)
+                task_status.started(self)
+                await self._shutdown_requested.wait()
+                await self._shutdown_peers()
+                nursery.cancel_scope.cancel(reason="broker shut down")
+        finally:
+            self._listening = False
+            self._finished.set()
+
+    async def shutdown(self) -> None:
+        """Clean shutdown: ``BrokerShutdownMsg`` to every peer, wait (bounded) for goodbyes.
+
+        Idempotent; returns when the broker has stopped (or at once if it never ran).
+        """
+        self._shutdown_requested.set()
+        if self._started:
+            with trio.move_on_after(self.grace_period + 5.0):
+                await self._finished.wait()
+
+    async def __aenter__(self) -> Broker:
+        mgr = trio.open_nursery()
+        nursery = await mgr.__aenter__()
+        self._cm_nursery = mgr
+        try:
+            await nursery.start(self.run)
+        except BaseException as exc:
+            await mgr.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        mgr, self._cm_nursery = self._cm_nursery, None
+        self._shutdown_requested.set()
+        try:
+            return await mgr.__aexit__(exc_type, exc, tb)  # type: ignore[no-any-return]
+        except BaseExceptionGroup as group:
+            raise_single(group)
+            raise
+
+    # ---------------------------------------------------------------- shutdown
+    async def _shutdown_peers(self) -> None:
+        self._shutting_down = True
+        body = codec.encode_body(BrokerShutdownMsg())
+        data = pack_envelope(
+            int(Kind.SHUTDOWN), BrokerShutdownMsg.message_type(), BROKER_ID, 0, "", body
+        )
+        for conn in list(self._conns.values()):
+            conn.push(data)
+        with trio.move_on_after(self.grace_period):
+            await self._all_gone.wait()
+        for conn in list(self._conns.values()):
+            conn.scope.cancel(reason="broker shut down")
+
+    # ------------------------------------------------------------- connections
+    async def _handle_connection(self, request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        try:
+            conn = await self._handshake(ws)
+            if conn is None:
+                return
+            try:
+                with conn.scope:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._writer, conn)
+                        await self._reader(conn)
+                        nursery.cancel_scope.cancel()
+            finally:
+                self._remove(conn)
+        finally:
+            with trio.move_on_after(self.grace_period) as cs:
+                cs.shield = True
+                await ws.aclose()
+
+    async def _handshake(self, ws: trio_websocket.WebSocketConnection) -> _Conn | None:
+        with trio.move_on_after(self.handshake_timeout):
+            try:
+                frame = await ws.get_message()
+            except trio_websocket.ConnectionClosed:
+                return None
+            return await self._accept_hello(ws, frame)
+        await self._reject(ws, "bad_hello", f"no hello within {self.handshake_timeout} s")
+        return None
+
+    async def _accept_hello(
+        self, ws: trio_websocket.WebSocketConnection, frame: bytes | str
+    ) -> _Conn | None:
+        try:
+            envs = list(codec.iter_envelopes(frame))  # type: ignore[arg-type]
+            if len(envs) != 1 or envs[0].kind != Kind.HELLO:
+                raise DecodeError("the first frame must hold exactly one hello envelope")
+            hello = codec.decode_body(Hello, envs[0].body)
+            assert isinstance(hello, Hello)
+        except (DecodeError, TypeError) as exc:
+            await self._reject(ws, "bad_hello", f"bad handshake: {exc}")
+            return None
+        pid = hello.peer_id
+        if hello.protocol_version != PROTOCOL_VERSION:
+            reason, detail = (
+                "bad_version",
+                (
+                    f"protocol version {hello.protocol_version} is not supported by this broker "
+                    f"(it speaks {PROTOCOL_VERSION}); use the same peerkit version everywhere"
+                ),
+            )
+        elif self.token is not None and not hmac.compare_digest(
+            hello.token.encode(), self.token.encode()
+        ):
+            reason, detail = "bad_token", "wrong or missing token; pass the broker's token="
+        elif pid in _RESERVED_IDS or len(pid) > _MAX_ID_LEN or not pid.isprintable():
+            reason, detail = (
+                "bad_id",
+                (
+                    f"invalid peer id {pid!r}: use 1..{_MAX_ID_LEN} printable characters, "
+                    f"not {BROKER_ID!r}"
+                ),
+            )
+        elif pid in self._conns:
+            reason, detail = (
+                "duplicate_id",
+                (f"a peer with id {pid!r} is already connected; choose another peer_id"),
+            )
+        elif len(self._conns) >= self.max_peers:
+            reason, detail = (
+                "too_many_peers",
+                (f"the broker already has max_peers={self.max_peers} peers"),
+            )
+        elif self._shutting_down:
+            reason, detail = "shutting_down", "the broker is shutting down"
+        else:
+            conn = _Conn(pid, ws, self.send_queue_size)
+            self._conns[pid] = conn
+            self.routing.add_peer(pid)
+            self._all_gone = trio.Event()
+            conn.push(
+                control(
+                    Kind.WELCOME,
+                    Welcome(
+                        peer_id=pid,
+                        heartbeat_interval=self.heartbeat_interval,
+                        heartbeat_timeout=self.heartbeat_timeout,
+                        max_message_size=self.max_message_size,
+                    ),
+                )
+            )
+            log.info("peer %r connected", pid)
+            return conn
+        log.warning("rejected peer %r: %s", pid, detail)
+        await self._reject(ws, reason, detail)
+        return None
+
+    async def _reject(
+        self, ws: trio_websocket.WebSocketConnection, reason: str, detail: str
+    ) -> None:
+        with trio.move_on_after(self.grace_period):
+            try:
+                await ws.send_message(control(Kind.REJECT, Reject(reason=reason, detail=detail)))
+                await ws.aclose(code=1008, reason=reason)
+            except trio_websocket.ConnectionClosed:
+                pass
+
+    def _remove(self, conn: _Conn) -> None:
+        if self._conns.get(conn.peer_id) is not conn:
+            return
+        del self._conns[conn.peer_id]
+        removal = self.routing.remove_peer(conn.peer_id)
+        for pq in removal.orphaned_queries:
+            self._query_failed(
+                pq.asker,
+                pq.asker_corr,
+                QueryFailed(
+                    code="handler_gone",
+                    detail=f"peer {pq.handler!r} left before answering the {pq.msg_type!r} query",
+                    peer_id=pq.handler,
+                ),
+            )
+        if conn.goodbye is not None:
+            reason = "goodbye" + (f" ({conn.goodbye.error_msg})" if conn.goodbye.error_msg else "")
+            log.info("peer %r left: %s", conn.peer_id, reason)
+        elif self._shutting_down:
+            reason = "broker shutdown"
+        else:
+            silent = trio.current_time() - conn.last_seen
+            if silent >= self.heartbeat_timeout:
+                reason = f"no heartbeat for {silent:.1f} s"
+            else:
+                reason = "connection lost without goodbye"
+            log.warning("peer %r dropped: %s", conn.peer_id, reason)
+            self._publish(
+                conn.peer_id,
+                _PANICK_TYPE,
+                codec.encode_body(
+                    PanickMsg(message=f"peer {conn.peer_id!r} {reason}", error_type="PeerLost")
+                ),
+            )
+        if not self._conns:
+            self._all_gone.set()
+        if self.on_peer_left is not None:
+            self.on_peer_left(conn.peer_id, reason)
+
+    # ------------------------------------------------------------------ writer
+    async def _writer(self, conn: _Conn) -> None:
+        out = conn.out
+        limit = self._batch_limit
+        ws = conn.ws
+        while True:
+            await conn.wakeup.wait()
+            conn.wakeup = trio.Event()
+            while out or conn.dropped_pending:
+                parts: list[bytes] = []
+                if conn.dropped_pending:
+                    parts.append(control(Kind.DROPPED, MessagesDropped(count=conn.dropped_pending)))
+                    conn.dropped_pending = 0
+                size = 0
+                while out and size < limit:
+                    item = out.popleft()
+                    parts.append(item)
+                    size += len(item)
+                conn.msgs_out += len(parts)
+                await ws.send_message(b"".join(parts))
+
+    # ------------------------------------------------------------------ reader
+    async def _reader(self, conn: _Conn) -> None:
+        ws = conn.ws
+        while True:
+            try:
+                frame = await ws.get_message()
+            except trio_websocket.ConnectionClosed:
+                return
+            conn.last_seen = trio.current_time()
+            try:
+                for env in codec.iter_envelopes(frame):  # type: ignore[arg-type]
+                    conn.msgs_in += 1
+                    self._dispatch(conn, env)
+            except DecodeError as exc:
+                log.warning("bad frame from %r: %s", conn.peer_id, exc)
+                conn.push(control(Kind.ERROR, RequestFailed(code="bad_frame", detail=str(exc))))
+            if conn.goodbye is not None:
+                return
+
+    def _dispatch(self, conn: _Conn, env: Envelope) -> None:
+        kind = env.kind
+        if kind == _PUB:
+            if len(env.body) > self.max_message_size:
+                self._refuse_too_large(conn, env)
+                return
+            self._publish(conn.peer_id, env.type, env.body)
+        elif kind == Kind.HEARTBEAT:
+            pass
+        elif kind == Kind.QUERY:
+            self._route_query(conn, env)
+        elif kind == Kind.REPLY or kind == Kind.QERR:
+            pq = self.routing.close_query(env.corr, conn.peer_id)
+            if pq is not None:
+                target = self._conns.get(pq.asker)
+                if target is not None:
+                    target.push(
+                        pack_envelope(kind, env.type, conn.peer_id, pq.asker_corr, "", env.body)
+                    )
+        elif kind == Kind.QCANCEL:
+            self.routing.cancel_query(conn.peer_id, env.corr)
+        elif kind == Kind.SUB or kind == Kind.UNSUB:
+            self._subscription(conn, env)
+        elif kind == Kind.REG or kind == Kind.UNREG:
+            self._handler_registration(conn, env)
+        elif kind == Kind.INFO:
+            info = self.info()
+            conn.push(
+                control(Kind.REPLY, info, corr=env.corr, type=info.message_type(), sender=BROKER_ID)
+            )
+        elif kind == Kind.STATE:
+            try:
+                report = codec.decode_body(PeerStateReport, env.body)
+                assert isinstance(report, PeerStateReport)
+                conn.state = report.state
+            except DecodeError as exc:
+                self._error(conn, "bad_state", str(exc))
+        elif kind == Kind.GOODBYE:
+            try:
+                goodbye = codec.decode_body(BrokerGoodbyeMsg, env.body, conn.peer_id)
+                assert isinstance(goodbye, BrokerGoodbyeMsg)
+            except DecodeError:
+                goodbye = BrokerGoodbyeMsg(error_msg="(unreadable goodbye)")
+            conn.goodbye = goodbye
+        else:
+            self._error(conn, "unexpected", f"unexpected envelope kind {Kind(kind).name}")
+
+    def _publish(self, sender: str, msg_type: str, body: bytes) -> None:
+        subscribers = self.routing.subscribers(msg_type, sender)
+        if not subscribers:
+            return
+        data = pack_envelope(_PUB, msg_type, sender, 0, "", body)
+        conns = self._conns
+        for pid in subscribers:
+            target = conns.get(pid)
+            if target is not None and not target.push_pub(data) and self.overflow == "disconnect":
+                log.warning("disconnecting %r: outgoing queue overflow", pid)
+                target.scope.cancel(reason="send queue overflow")
+
+    def _refuse_too_large(self, conn: _Conn, env: Envelope) -> None:
+        detail = (
+            f"message {env.type!r} is {len(env.body)} bytes, over the broker's "
+            f"max_message_size of {self.max_message_size} bytes; it was not delivered"
+        )
+        log.warning("from %r: %s", conn.peer_id, detail)
+        self._error(conn, "too_large", detail)
+
+    def _error(self, conn: _Conn, code: str, detail: str) -> None:
+        conn.push(control(Kind.ERROR, RequestFailed(code=code, detail=detail)))
+
+    def _ack(self, conn: _Conn, corr: int) -> None:
+        conn.push(pack_envelope(int(Kind.ACK), "", BROKER_ID, corr))
+
+    def _nack(self, conn: _Conn, corr: int, code: str, detail: str) -> None:
+        conn.push(control(Kind.NACK, RequestFailed(code=code, detail=detail), corr=corr))
+
+    def _subscription(self, conn: _Conn, env: Envelope) -> None:
+        if not env.type:
+            self._nack(conn, env.corr, "bad_request", "subscription without a message type")
+            return
+        sender = env.target or None
+        if env.kind == Kind.SUB:
+            self.routing.subscribe(conn.peer_id, env.type, sender)
+        else:
+            self.routing.unsubscribe(conn.peer_id, env.type, sender)
+        self._ack(conn, env.corr)
+
+    def _handler_registration(self, conn: _Conn, env: Envelope) -> None:
+        try:
+            if env.kind == Kind.REG:
+                reg = codec.decode_body(RegisterHandler, env.body)
+                assert isinstance(reg, RegisterHandler)
+                self.routing.register_handler(conn.peer_id, reg.msg_type, reg.policy)
+            elif not self.routing.unregister_handler(conn.peer_id, env.type):
+                raise BrokerRequestError(
+                    "not_registered", f"{conn.peer_id!r} does not handle {env.type!r} queries"
+                )
+        except BrokerRequestError as exc:
+            self._nack(conn, env.corr, exc.code, str(exc))
+        except DecodeError as exc:
+            self._nack(conn, env.corr, "bad_request", str(exc))
+        else:
+            self._ack(conn, env.corr)
+
+    def _route_query(self, conn: _Conn, env: Envelope) -> None:
+        if len(env.body) > self.max_message_size:
+            self._query_failed(
+                conn.peer_id,
+                env.corr,
+                QueryFailed(
+                    code="too_large",
+                    detail=f"query {env.type!r} is {len(env.body)} bytes, over max_message_size "
+                    f"{self.max_message_size}",
+                ),
+            )
+            return
+        if env.target:
+            handler = env.target
+            if handler not in self._conns:
+                self._query_failed(
+                    conn.peer_id,
+                    env.corr,
+                    QueryFailed(
+                        code="no_handler",
+                        detail=f"peer {handler!r} is not connected",
+                        peer_id=handler,
+                    ),
+                )
+                return
+        else:
+            try:
+                handler = self.routing.handler_for(env.type)
+            except NoHandlerError as exc:
+                self._query_failed(
+                    conn.peer_id, env.corr, QueryFailed(code="no_handler", detail=str(exc))
+                )
+                return
+            except MultiplePeersAvailable as exc:
+                self._query_failed(
+                    conn.peer_id,
+                    env.corr,
+                    QueryFailed(code="multiple", detail=str(exc), peers=list(exc.peers)),
+                )
+                return
+        corr = self.routing.open_query(conn.peer_id, env.corr, handler, env.type)
+        self._conns[handler].push(
+            pack_envelope(int(Kind.QUERY), env.type, conn.peer_id, corr, "", env.body)
+        )
+
+    def _query_failed(self, asker: str, corr: int, failure: QueryFailed) -> None:
+        target = self._conns.get(asker)
+        if target is not None:
+            target.push(control(Kind.QERR, failure, corr=corr, sender=BROKER_ID))
+
+    # ---------------------------------------------------------------- liveness
+    async def _monitor(self) -> None:
+        """Send heartbeats to idle peers and drop peers that fell silent."""
+        beat = pack_envelope(int(Kind.HEARTBEAT), "", BROKER_ID)
+        while True:
+            await trio.sleep(self.heartbeat_interval)
+            now = trio.current_time()
+            for conn in list(self._conns.values()):
+                if now - conn.last_seen >= self.heartbeat_timeout:
+                    conn.scope.cancel(reason="missed heartbeats")
+                elif not conn.out:
+                    conn.push(beat)
+
+
+def _pending_repr(pq: PendingQuery) -> str:  # pragma: no cover - debugging aid
+    return f"{pq.asker}#{pq.asker_corr}->{pq.handler}"
+
+
+async def _serve(
+    handler: Callable[[trio_websocket.WebSocketRequest], Any],
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    max_frame: int,
+    handshake_timeout: float,
+    grace: float,
+    *,
+    task_status: trio.TaskStatus[trio_websocket.WebSocketServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await trio_websocket.serve_websocket(
+        handler,
+        host,
+        port,
+        ssl_context,
+        max_message_size=max_frame,
+        message_queue_size=4,
+        connect_timeout=handshake_timeout,
+        disconnect_timeout=grace,
+        task_status=task_status,
+    )
+
+
+def _check_bind(host: str, token: str | None) -> None:
+    if not isinstance(host, str) or not host:
+        raise PeerkitError(f"host must be a non-empty string, got {host!r}")
+    if token is not None and (not isinstance(token, str) or not token):
+        raise PeerkitError("token must be a non-empty string (or None on loopback)")
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and token is None:
+        raise PeerkitError(
+            f"binding the broker to {host!r} exposes it beyond this machine; pass token='...' "
+            "(a shared secret every peer must present) or bind 127.0.0.1"
+        )

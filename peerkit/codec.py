@@ -1,0 +1,235 @@
+"""Bytes ⇄ envelopes ⇄ messages (sans-IO).
+
+Message bodies are msgpack maps produced by a strict cattrs converter: bytes travel as msgpack
+``bin``; decoding checks every field's type, refuses missing and unknown fields, and turns every
+failure into :class:`~peerkit.errors.DecodeError` naming the type, the sender and the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import attrs
+import cattrs
+import msgpack
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+from cattrs.preconf.msgpack import make_converter
+
+from .errors import DecodeError, MessageTooLarge, PeerkitError, UnknownMessageType
+from .messages import Message, get_message_class
+from .protocol import KIND_VALUES, Kind
+
+__all__ = [
+    "Envelope",
+    "converter",
+    "decode_body",
+    "decode_message",
+    "encode_body",
+    "iter_envelopes",
+    "pack_envelope",
+]
+
+#: Default maximum size of one message body in bytes.
+DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
+
+
+# ----------------------------------------------------------------------------- converter
+
+
+def _strict_int(v: object, _t: object) -> int:
+    if type(v) is int:
+        return v
+    raise TypeError(f"expected an int, got {type(v).__name__} {v!r}")
+
+
+def _strict_float(v: object, _t: object) -> float:
+    if type(v) is float:
+        return v
+    if type(v) is int:
+        return float(v)
+    raise TypeError(f"expected a float, got {type(v).__name__} {v!r}")
+
+
+def _strict_str(v: object, _t: object) -> str:
+    if type(v) is str:
+        return v
+    raise TypeError(f"expected a str, got {type(v).__name__} {v!r}")
+
+
+def _strict_bool(v: object, _t: object) -> bool:
+    if type(v) is bool:
+        return v
+    raise TypeError(f"expected a bool, got {type(v).__name__} {v!r}")
+
+
+def _strict_bytes(v: object, _t: object) -> bytes:
+    if type(v) is bytes:
+        return v
+    if type(v) is bytearray:
+        return bytes(v)
+    raise TypeError(f"expected bytes, got {type(v).__name__} {v!r}")
+
+
+def _make_converter() -> cattrs.Converter:
+    c = make_converter(forbid_extra_keys=True, detailed_validation=True)
+    c.register_structure_hook(int, _strict_int)
+    c.register_structure_hook(float, _strict_float)
+    c.register_structure_hook(str, _strict_str)
+    c.register_structure_hook(bool, _strict_bool)
+    c.register_structure_hook(bytes, _strict_bytes)
+
+    def is_message(t: Any) -> bool:
+        return isinstance(t, type) and issubclass(t, Message) and attrs.has(t)
+
+    c.register_unstructure_hook_factory(
+        is_message, lambda cls: make_dict_unstructure_fn(cls, c, sender=override(omit=True))
+    )
+    c.register_structure_hook_factory(
+        is_message,
+        lambda cls: make_dict_structure_fn(
+            cls, c, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=True
+        ),
+    )
+    return c
+
+
+#: The cattrs converter used for message bodies (strict).
+converter: cattrs.Converter = _make_converter()
+
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+# ----------------------------------------------------------------------------- bodies
+
+
+def _fmt(exc: BaseException, typ: object) -> str:
+    if isinstance(exc, KeyError):
+        return "required field missing"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return f"unknown fields {', '.join(sorted(exc.extra_fields))}"
+    name = getattr(typ, "__name__", None) or str(typ)
+    text = str(exc) or type(exc).__name__
+    return f"invalid value for {name}: {text}" if typ is not None else f"invalid value: {text}"
+
+
+def encode_body(msg: Message, max_size: int | None = None) -> bytes:
+    """Encode ``msg`` (without its sender) to msgpack bytes.
+
+    Raises :class:`MessageTooLarge` if ``max_size`` is given and exceeded, and
+    :class:`PeerkitError` for a value msgpack cannot carry.
+    """
+    if not isinstance(msg, Message):
+        raise PeerkitError(f"expected a peerkit.Message instance, got {type(msg).__name__}")
+    try:
+        data = _packb(converter.unstructure(msg))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise PeerkitError(
+            f"cannot encode {type(msg).__qualname__}: {exc}; message fields must be "
+            "msgpack-compatible (str, int, float, bool, bytes, lists, dicts, attrs classes)"
+        ) from exc
+    if max_size is not None and len(data) > max_size:
+        raise MessageTooLarge(len(data), max_size, type(msg).__qualname__)
+    return data
+
+
+def decode_body(cls: type[Message], body: bytes, sender: str = "") -> Message:
+    """Decode ``body`` as an instance of ``cls`` and stamp ``sender``."""
+    what = f"{cls.__message_type__!r}" + (f" from {sender!r}" if sender else "")
+    try:
+        data = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise DecodeError(f"cannot decode message {what}: body is not valid msgpack ({exc})")
+    if type(data) is not dict:
+        raise DecodeError(f"cannot decode message {what}: body is not a map")
+    data["sender"] = sender
+    try:
+        return converter.structure(data, cls)  # type: ignore[no-any-return]
+    except cattrs.BaseValidationError as exc:
+        problems = "; ".join(
+            cattrs.transform_error(exc, path=cls.__message_type__, format_exception=_fmt)
+        )
+        raise DecodeError(f"invalid message {what}: {problems}") from None
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"invalid message {what}: {exc}") from None
+
+
+def decode_message(type_name: str, body: bytes, sender: str = "") -> Message:
+    """Look ``type_name`` up in the registry and decode ``body``."""
+    try:
+        cls = get_message_class(type_name)
+    except UnknownMessageType as exc:
+        if sender:
+            raise UnknownMessageType(f"{exc} (sent by {sender!r})") from None
+        raise
+    return decode_body(cls, body, sender)
+
+
+# ----------------------------------------------------------------------------- envelopes
+
+
+class Envelope(NamedTuple):
+    """One protocol unit; see :mod:`peerkit.protocol`."""
+
+    kind: int
+    type: str
+    sender: str
+    corr: int
+    target: str
+    body: bytes
+
+
+def pack_envelope(
+    kind: int, type: str = "", sender: str = "", corr: int = 0, target: str = "", body: bytes = b""
+) -> bytes:
+    """Pack one envelope; frames are concatenations of packed envelopes."""
+    return _packb((kind, type, sender, corr, target, body))
+
+
+def _bad(why: str) -> DecodeError:
+    return DecodeError(f"malformed frame: {why}")
+
+
+def iter_envelopes(frame: bytes | bytearray) -> Iterator[Envelope]:
+    """Yield the envelopes of one frame, validating each header.
+
+    Raises :class:`DecodeError` at the first malformed envelope (earlier ones were yielded).
+    """
+    if not isinstance(frame, bytes | bytearray):
+        raise _bad("expected a binary WebSocket message, got text")
+    if not frame:
+        raise _bad("empty frame")
+    unpacker = msgpack.Unpacker(raw=False, use_list=False, strict_map_key=True, max_buffer_size=0)
+    unpacker.feed(frame)
+    try:
+        for item in unpacker:
+            if type(item) is not tuple or len(item) != 6:
+                raise _bad("an envelope must be an array of 6 items")
+            kind, typ, sender, corr, target, body = item
+            if type(kind) is not int or kind not in KIND_VALUES:
+                raise _bad(f"unknown envelope kind {kind!r}")
+            if type(typ) is not str or type(sender) is not str or type(target) is not str:
+                raise _bad("type, sender and target must be strings")
+            if type(corr) is not int or corr < 0:
+                raise _bad("correlation id must be a non-negative integer")
+            if type(body) is not bytes:
+                raise _bad("body must be binary")
+            yield Envelope(kind, typ, sender, corr, target, body)
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise _bad(f"not valid msgpack ({type(exc).__name__}: {exc})") from None
+
+
+def control(
+    kind: Kind,
+    msg: Message | None = None,
+    *,
+    corr: int = 0,
+    type: str = "",
+    sender: str = "",
+    target: str = "",
+) -> bytes:
+    """Pack a control envelope whose body is a (built-in) message."""
+    body = encode_body(msg) if msg is not None else b""
+    return pack_envelope(int(kind), type, sender, corr, target, body)

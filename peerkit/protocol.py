@@ -1,0 +1,124 @@
+"""Wire protocol vocabulary (sans-IO): envelope kinds and the control messages.
+
+A WebSocket binary frame holds one or more *envelopes* back to back, each a msgpack array
+``[kind, type, sender, corr, target, body]``:
+
+====== ======================================================================
+kind   integer, one of :class:`Kind`
+type   message type name (routing key); "" where unused
+sender peer id of the sender, stamped by the broker; "" from peers
+corr   correlation id of requests/queries (0 where unused)
+target peer id for ``ask_peer`` queries; "" otherwise
+body   the encoded message (msgpack bytes), opaque to the broker for PUB/QUERY/REPLY
+====== ======================================================================
+
+The broker routes on the header only; it decodes bodies of control envelopes alone.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+from .messages import Message, message
+
+PROTOCOL_VERSION = 1
+
+
+class Kind(enum.IntEnum):
+    """What an envelope is."""
+
+    HELLO = 1  #: peer → broker, first envelope; body :class:`Hello`
+    WELCOME = 2  #: broker → peer; body :class:`Welcome`
+    REJECT = 3  #: broker → peer, then close; body :class:`Reject`
+    PUB = 4  #: publish (peer → broker) / deliver (broker → peer)
+    SUB = 5  #: subscribe; type = message type, target = sender filter ("" = all); corr → ACK
+    UNSUB = 6  #: unsubscribe; as SUB
+    REG = 7  #: register query handler; body :class:`RegisterHandler`; corr → ACK
+    UNREG = 8  #: unregister query handler for ``type``; corr → ACK
+    ACK = 9  #: positive answer to a request (corr)
+    NACK = 10  #: negative answer to a request (corr); body :class:`RequestFailed`
+    QUERY = 11  #: query; target = peer id for ask_peer, "" = by handler registry
+    REPLY = 12  #: answer to a query (corr); type/body = the response message
+    QERR = 13  #: query failed (corr); body :class:`QueryFailed`
+    QCANCEL = 14  #: asker gave up on a query (corr)
+    DROPPED = 15  #: broker → subscriber; body :class:`~peerkit.messages.MessagesDropped`
+    HEARTBEAT = 16  #: either direction, empty body
+    GOODBYE = 17  #: peer → broker, last word; body :class:`~peerkit.messages.BrokerGoodbyeMsg`
+    SHUTDOWN = 18  #: broker → peer; body :class:`~peerkit.messages.BrokerShutdownMsg`
+    ERROR = 19  #: broker → peer: something the peer sent was refused; body :class:`RequestFailed`
+    INFO = 20  #: introspection request to the broker (corr) → REPLY with :class:`BrokerInfo`
+    STATE = 21  #: peer → broker: lifecycle state report; body :class:`PeerStateReport`
+
+
+KIND_VALUES = frozenset(int(k) for k in Kind)
+
+
+@message(type="peerkit.Hello")
+class Hello(Message):
+    peer_id: str
+    protocol_version: int
+    token: str = ""
+
+
+@message(type="peerkit.Welcome")
+class Welcome(Message):
+    peer_id: str
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    max_message_size: int
+
+
+@message(type="peerkit.Reject")
+class Reject(Message):
+    reason: str  #: duplicate_id | bad_token | bad_version | too_many_peers | bad_hello
+    detail: str
+
+
+SHARE_POLICIES = ("exclusive", "round_robin", "explicit")
+
+
+@message(type="peerkit.RegisterHandler")
+class RegisterHandler(Message):
+    msg_type: str
+    policy: str = "exclusive"
+
+
+@message(type="peerkit.RequestFailed")
+class RequestFailed(Message):
+    code: str
+    detail: str
+
+
+@message(type="peerkit.QueryFailed")
+class QueryFailed(Message):
+    code: str  #: no_handler | handler_gone | remote_error | multiple | too_large | bad_reply
+    detail: str
+    peer_id: str = ""
+    error_type: str = ""
+    peers: list[str] = attrs.field(factory=list)
+
+
+@message(type="peerkit.PeerInfo")
+class PeerInfo(Message):
+    peer_id: str
+    subscriptions: list[str] = attrs.field(factory=list)
+    query_handlers: list[str] = attrs.field(factory=list)
+    queued: int = 0
+    dropped: int = 0
+    msgs_in: int = 0
+    msgs_out: int = 0
+    state: str = ""
+
+
+@message(type="peerkit.BrokerInfo")
+class BrokerInfo(Message):
+    peers: list[PeerInfo] = attrs.field(factory=list)
+
+
+@message(type="peerkit.PeerStateReport")
+class PeerStateReport(Message):
+    """A peer tells the broker its lifecycle state (for introspection only)."""
+
+    state: str
