@@ -505,8 +505,10 @@ class Broker:
             except DecodeError as exc:
                 log.warning("bad frame from %r: %s", conn.peer_id, exc)
                 conn.push(control(Kind.ERROR, RequestFailed(code="bad_frame", detail=str(exc))))
-            if conn.goodbye is not None:
-                return
+            if conn.goodbye is not None and conn.scope.deadline == math.inf:
+                # the peer closes after its goodbye; wait for that (bounded) rather than
+                # closing from both ends at once
+                conn.scope.deadline = trio.current_time() + self.grace_period
 
     def _dispatch(self, conn: _Conn, env: Envelope) -> None:
         kind = env.kind

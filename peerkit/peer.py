@@ -468,12 +468,19 @@ class Peer(StateMachine):
         self._run_started = True
         self._run_task = trio.lowlevel.current_task()
         try:
-            async with trio.open_nursery() as sysn:
-                with self._main_scope:
-                    await self._live(sysn, task_status)
-                self._user_nursery = None
-                await self._close_gracefully()
-                sysn.cancel_scope.cancel(reason=f"peer {self.peer_id!r} finished")
+            # The connection tasks are shielded from outside cancellation so that a cancelled
+            # peer still says goodbye within its grace period; the watcher turns outside
+            # cancellation into a shutdown request instead.
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._watch_outer_cancel)
+                with trio.CancelScope(shield=True):
+                    async with trio.open_nursery() as sysn:
+                        with self._main_scope:
+                            await self._live(sysn, task_status)
+                        self._user_nursery = None
+                        await self._close_gracefully()
+                        sysn.cancel_scope.cancel(reason=f"peer {self.peer_id!r} finished")
+                outer.cancel_scope.cancel(reason=f"peer {self.peer_id!r} finished")
         except BaseExceptionGroup as group:
             raise_single(group)
             raise
@@ -494,6 +501,12 @@ class Peer(StateMachine):
             )
         if self._error is not None:
             raise self._error
+
+    async def _watch_outer_cancel(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._request_shutdown("the nursery running the peer was cancelled")
 
     async def _live(self, sysn: trio.Nursery, task_status: trio.TaskStatus[None]) -> None:
         try:
