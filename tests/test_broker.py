@@ -61,10 +61,13 @@ async def next_envelope(ws: trio_websocket.WebSocketConnection, kind: Kind) -> c
 
 
 async def assert_broker_still_routes(broker: Broker) -> None:
-    async with Peer(broker.url, "check-a") as a, Peer(broker.url, "check-b") as b:
-        async with b.subscription(Blob) as stream:
-            await a.send_message(Blob(data=b"still alive"))
-            assert (await stream.receive()).data == b"still alive"
+    async with (
+        Peer(broker.url, "check-a") as a,
+        Peer(broker.url, "check-b") as b,
+        b.subscription(Blob) as stream,
+    ):
+        await a.send_message(Blob(data=b"still alive"))
+        assert (await stream.receive()).data == b"still alive"
 
 
 async def test_garbage_before_hello_is_rejected(broker: Broker) -> None:

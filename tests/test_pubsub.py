@@ -88,18 +88,21 @@ async def test_sender_filtering(broker: Broker) -> None:
 async def test_only_subscribed_types_arrive_and_unsubscribe_stops(broker: Broker) -> None:
     with trio.fail_after(10):
         got: list[Message] = []
-        async with Peer(broker.url, "sub") as sub, Peer(broker.url, "pub") as pub:
-            async with sub.subscription(Other) as marks:
-                await sub.subscribe_for_all_msg_subtype(Tick, got.append)
-                await pub.send_message(Tick(seq=1))
-                await pub.send_message(Other(text="mark1"))
-                assert (await marks.receive()).text == "mark1"
-                assert await sub.unsubscribe(Tick) == 1
-                # the broker processes unsubscribe before anything published afterwards
-                await sub.broker_info()
-                await pub.send_message(Tick(seq=2))
-                await pub.send_message(Other(text="mark2"))
-                assert (await marks.receive()).text == "mark2"
+        async with (
+            Peer(broker.url, "sub") as sub,
+            Peer(broker.url, "pub") as pub,
+            sub.subscription(Other) as marks,
+        ):
+            await sub.subscribe_for_all_msg_subtype(Tick, got.append)
+            await pub.send_message(Tick(seq=1))
+            await pub.send_message(Other(text="mark1"))
+            assert (await marks.receive()).text == "mark1"
+            assert await sub.unsubscribe(Tick) == 1
+            # the broker processes unsubscribe before anything published afterwards
+            await sub.broker_info()
+            await pub.send_message(Tick(seq=2))
+            await pub.send_message(Other(text="mark2"))
+            assert (await marks.receive()).text == "mark2"
         assert [m.seq for m in got if isinstance(m, Tick)] == [1]
         assert all(isinstance(m, Tick) for m in got)
 
@@ -210,9 +213,7 @@ async def test_slow_subscriber_does_not_slow_others_and_learns_its_losses(
                 await pub.send_message(Other(text="end"))
                 await marks.receive()
             # every message is either delivered or counted as dropped, never silently lost
-            with trio.move_on_after(5):
-                while len(slow_got) + slow.dropped_messages < n:
-                    await trio.sleep(0.01)
+            # the marker went through the same queue: every Tick before it was handled
             assert slow.dropped_messages > 0
             assert len(slow_got) + slow.dropped_messages == n
             assert slow_got == sorted(slow_got)  # what arrived arrived in order
