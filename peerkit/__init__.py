@@ -5,6 +5,7 @@ trio nursery and follows a strict lifecycle (see :mod:`peerkit.states`).
 """
 
 from .broker import Broker
+from .config import ConfigServer, ConfiguredPeer
 from .errors import (
     BrokerConnectError,
     BrokerLostError,
@@ -27,6 +28,7 @@ from .errors import (
     UnknownMessageType,
 )
 from .messages import Message, message
+from .params import param
 from .peer import Peer, query_handler, subscribe
 from .states import PeerState
 
@@ -37,6 +39,8 @@ __all__ = [
     "BrokerConnectError",
     "BrokerLostError",
     "BrokerRequestError",
+    "ConfigServer",
+    "ConfiguredPeer",
     "DecodeError",
     "DuplicatePeerId",
     "HandlerAlreadyRegistered",
@@ -57,6 +61,7 @@ __all__ = [
     "ShuttingDownException",
     "UnknownMessageType",
     "message",
+    "param",
     "query_handler",
     "subscribe",
 ]
