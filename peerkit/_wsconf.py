@@ -14,3 +14,8 @@ def ws_max_frame(max_message_size: int) -> int:
 def batch_limit(max_message_size: int) -> int:
     """A writer stops adding envelopes to a frame past this many bytes."""
     return max_message_size + FRAME_OVERHEAD // 2
+
+
+#: A writer puts at most this many envelopes in one frame, so that one burst cannot fill a
+#: receiver's queue (the broker's default queue holds ten such frames).
+MAX_BATCH = 1024

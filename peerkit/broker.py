@@ -24,7 +24,7 @@ import trio_websocket
 
 from . import codec
 from ._util import raise_single
-from ._wsconf import batch_limit, ws_max_frame
+from ._wsconf import MAX_BATCH, batch_limit, ws_max_frame
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, Envelope, control, pack_envelope
 from .errors import (
     BrokerRequestError,
@@ -482,7 +482,7 @@ class Broker:
                     parts.append(control(Kind.DROPPED, MessagesDropped(count=conn.dropped_pending)))
                     conn.dropped_pending = 0
                 size = 0
-                while out and size < limit:
+                while out and size < limit and len(parts) < MAX_BATCH:
                     item = out.popleft()
                     parts.append(item)
                     size += len(item)

