@@ -609,6 +609,11 @@ class Peer(StateMachine):
                     )
                     break
                 except (OSError, trio_websocket.HandshakeError) as exc:
+                    if isinstance(exc, ssl.SSLError):
+                        raise BrokerConnectError(
+                            f"TLS handshake with the broker at {self.broker_url} failed: {exc}; "
+                            "pass an ssl_context that trusts the broker's certificate"
+                        ) from exc
                     if isinstance(exc, trio_websocket.ConnectionRejected):
                         raise BrokerConnectError(
                             f"the server at {self.broker_url} refused the WebSocket connection "
