@@ -7,6 +7,7 @@ import inspect
 import logging
 import math
 import ssl
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -594,26 +595,44 @@ class Peer(StateMachine):
                 )
 
     # ============================================================ connection
+    async def _open_websocket(self, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection:
+        url = urllib.parse.urlsplit(self.broker_url)
+        host = url.hostname or "127.0.0.1"
+        port = url.port or (443 if url.scheme == "wss" else 80)
+        tcp = await trio.open_tcp_stream(host, port)
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
+        if url.scheme == "wss":
+            context = self.ssl_context or ssl.create_default_context()
+            tls = trio.SSLStream(tcp, context, server_hostname=host, https_compatible=True)
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                await trio.aclose_forcefully(tcp)
+                raise BrokerConnectError(
+                    f"TLS handshake with the broker at {self.broker_url} failed: "
+                    f"{exc.__cause__ or exc}; pass an ssl_context that trusts the broker's "
+                    "certificate"
+                ) from exc
+            stream = tls
+        resource = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        return await trio_websocket.wrap_client_stream(
+            nursery,
+            stream,
+            url.netloc,
+            resource,
+            max_message_size=_PEER_WS_MAX_FRAME,
+            message_queue_size=4,
+        )
+
     async def _connect(self, nursery: trio.Nursery) -> None:
         deadline = trio.current_time() + self.connect_timeout
         delay = 0.05
         with trio.move_on_at(deadline) as scope:
             while True:
                 try:
-                    ws = await trio_websocket.connect_websocket_url(
-                        nursery,
-                        self.broker_url,
-                        self.ssl_context,
-                        max_message_size=_PEER_WS_MAX_FRAME,
-                        message_queue_size=4,
-                    )
+                    ws = await self._open_websocket(nursery)
                     break
                 except (OSError, trio_websocket.HandshakeError) as exc:
-                    if isinstance(exc, ssl.SSLError):
-                        raise BrokerConnectError(
-                            f"TLS handshake with the broker at {self.broker_url} failed: {exc}; "
-                            "pass an ssl_context that trusts the broker's certificate"
-                        ) from exc
                     if isinstance(exc, trio_websocket.ConnectionRejected):
                         raise BrokerConnectError(
                             f"the server at {self.broker_url} refused the WebSocket connection "
