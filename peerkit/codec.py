@@ -7,12 +7,16 @@ failure into :class:`~peerkit.errors.DecodeError` naming the type, the sender an
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, NamedTuple
+import collections.abc
+import types
+import typing
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, get_args, get_origin
 
 import attrs
 import cattrs
 import msgpack
+from cattrs.cols import is_any_set, is_sequence, mapping_structure_factory
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 from cattrs.preconf.msgpack import make_converter
 
@@ -71,6 +75,50 @@ def _strict_bytes(v: object, _t: object) -> bytes:
     raise TypeError(f"expected bytes, got {type(v).__name__} {v!r}")
 
 
+_SCALARS: dict[type, str] = {
+    int: "an int",
+    float: "a float",
+    str: "a str",
+    bool: "a bool",
+    bytes: "bytes",
+    type(None): "None",
+}
+
+
+def _is_scalar_union(t: Any) -> bool:
+    """``int | str``, ``float | None``, ...: a union of scalar types only."""
+    if get_origin(t) not in (typing.Union, types.UnionType):
+        return False
+    return all(a in _SCALARS for a in get_args(t))
+
+
+def _scalar_union_hook(t: Any) -> Callable[[object, object], object]:
+    members = get_args(t)
+    expected = " or ".join(_SCALARS[a] for a in members)
+
+    def hook(v: object, _t: object) -> object:
+        # Exact types: a bool is not an int here, an int is accepted where only float is.
+        if type(v) in members:
+            return v
+        if type(v) is int and float in members:
+            return float(v)
+        raise TypeError(f"expected {expected}, got {type(v).__name__} {v!r}")
+
+    return hook
+
+
+_MAPPING_ORIGINS = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
+
+
+def _is_container(t: Any) -> bool:
+    return (
+        is_sequence(t)
+        or is_any_set(t)
+        or get_origin(t) is tuple
+        or (get_origin(t) or t) in _MAPPING_ORIGINS
+    )
+
+
 def _make_converter() -> cattrs.Converter:
     c = make_converter(forbid_extra_keys=True, detailed_validation=True)
     c.register_structure_hook(int, _strict_int)
@@ -78,6 +126,38 @@ def _make_converter() -> cattrs.Converter:
     c.register_structure_hook(str, _strict_str)
     c.register_structure_hook(bool, _strict_bool)
     c.register_structure_hook(bytes, _strict_bytes)
+    # cattrs' union passthrough uses isinstance (True passes for ``int | str``): be exact.
+    c.register_structure_hook_factory(_is_scalar_union, _scalar_union_hook)
+
+    # cattrs structures any iterable into a list/tuple/set (a str into a list of characters,
+    # a map into a list of its keys): insist on the msgpack array (or map) first.
+    building: set[object] = set()
+
+    def default_hook(t: Any) -> Callable[[Any, Any], Any]:
+        if (get_origin(t) or t) in _MAPPING_ORIGINS:
+            return mapping_structure_factory(t, c, structure_to=dict, detailed_validation=True)
+        # The hook cattrs would make for ``t``: skip the factory below while asking for it.
+        building.add(t)
+        try:
+            return c.get_structure_hook(t, cache_result=False)
+        finally:
+            building.discard(t)
+
+    def container_hook(t: Any) -> Callable[[Any, Any], Any]:
+        inner = default_hook(t)
+        wire = dict if (get_origin(t) or t) in _MAPPING_ORIGINS else list
+        what = "a map" if wire is dict else "an array"
+
+        def hook(v: Any, typ: Any) -> Any:
+            if type(v) is not wire:
+                raise TypeError(f"expected {what}, got {type(v).__name__} {v!r}")
+            return inner(v, typ)
+
+        return hook
+
+    c.register_structure_hook_factory(
+        lambda t: t not in building and _is_container(t), container_hook
+    )
 
     def is_message(t: Any) -> bool:
         return isinstance(t, type) and issubclass(t, Message) and attrs.has(t)
@@ -107,8 +187,8 @@ def _fmt(exc: BaseException, typ: object) -> str:
     if isinstance(exc, KeyError):
         return "required field missing"
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
-        return f"unknown fields {', '.join(sorted(exc.extra_fields))}"
-    name = getattr(typ, "__name__", None) or str(typ)
+        return f"unknown fields {', '.join(sorted(map(str, exc.extra_fields)))}"
+    name = str(typ) if get_args(typ) else getattr(typ, "__name__", None) or str(typ)
     text = str(exc) or type(exc).__name__
     return f"invalid value for {name}: {text}" if typ is not None else f"invalid value: {text}"
 
@@ -122,7 +202,7 @@ def encode_body(msg: Message, max_size: int | None = None) -> bytes:
     if not isinstance(msg, Message):
         raise PeerkitError(f"expected a peerkit.Message instance, got {type(msg).__name__}")
     try:
-        data = _packb(converter.unstructure(msg))
+        data: bytes = _packb(converter.unstructure(msg))
     except (TypeError, ValueError, OverflowError) as exc:
         raise PeerkitError(
             f"cannot encode {type(msg).__qualname__}: {exc}; message fields must be "
@@ -139,19 +219,21 @@ def decode_body(cls: type[Message], body: bytes, sender: str = "") -> Message:
     try:
         data = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise DecodeError(f"cannot decode message {what}: body is not valid msgpack ({exc})")
+        raise DecodeError(
+            f"cannot decode message {what}: body is not valid msgpack ({exc})"
+        ) from None
     if type(data) is not dict:
         raise DecodeError(f"cannot decode message {what}: body is not a map")
     data["sender"] = sender
     try:
-        return converter.structure(data, cls)  # type: ignore[no-any-return]
+        return converter.structure(data, cls)
     except cattrs.BaseValidationError as exc:
         problems = "; ".join(
             cattrs.transform_error(exc, path=cls.__message_type__, format_exception=_fmt)
         )
         raise DecodeError(f"invalid message {what}: {problems}") from None
-    except (TypeError, ValueError) as exc:
-        raise DecodeError(f"invalid message {what}: {exc}") from None
+    except Exception as exc:  # a validator of the class refused the values
+        raise DecodeError(f"invalid message {what}: {type(exc).__name__}: {exc}") from None
 
 
 def decode_message(type_name: str, body: bytes, sender: str = "") -> Message:
@@ -183,7 +265,8 @@ def pack_envelope(
     kind: int, type: str = "", sender: str = "", corr: int = 0, target: str = "", body: bytes = b""
 ) -> bytes:
     """Pack one envelope; frames are concatenations of packed envelopes."""
-    return _packb((kind, type, sender, corr, target, body))
+    packed: bytes = _packb((kind, type, sender, corr, target, body))
+    return packed
 
 
 def _bad(why: str) -> DecodeError:
@@ -201,8 +284,10 @@ def iter_envelopes(frame: bytes | bytearray) -> Iterator[Envelope]:
         raise _bad("empty frame")
     unpacker = msgpack.Unpacker(raw=False, use_list=False, strict_map_key=True, max_buffer_size=0)
     unpacker.feed(frame)
+    end = 0  # where the last complete envelope ended
     try:
         for item in unpacker:
+            end = unpacker.tell()
             if type(item) is not tuple or len(item) != 6:
                 raise _bad("an envelope must be an array of 6 items")
             kind, typ, sender, corr, target, body = item
@@ -215,6 +300,9 @@ def iter_envelopes(frame: bytes | bytearray) -> Iterator[Envelope]:
             if type(body) is not bytes:
                 raise _bad("body must be binary")
             yield Envelope(kind, typ, sender, corr, target, body)
+        # The unpacker stops quietly at an incomplete object: a truncated last envelope.
+        if end != len(frame):
+            raise _bad(f"truncated envelope at byte {end} of {len(frame)} (not valid msgpack)")
     except DecodeError:
         raise
     except Exception as exc:

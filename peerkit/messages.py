@@ -14,6 +14,7 @@ never sent over the wire. ``subtype`` is the same as ``sender`` (OBCI's name).
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar, dataclass_transform, overload
 
@@ -95,11 +96,11 @@ def message(cls: Any = None, /, *, type: str | None = None) -> Any:
     class under a name already taken is an error (redefining the same class is allowed).
     """
 
-    def wrap(c: type[Message]) -> type[Message]:
-        if not (isinstance(c, builtins_type) and issubclass(c, Message)):
+    def wrap(c: builtins.type[Message]) -> builtins.type[Message]:
+        if not (isinstance(c, builtins.type) and issubclass(c, Message)):
             raise PeerkitError(f"@message decorates subclasses of peerkit.Message, not {c!r}")
         new = attrs.frozen(c, kw_only=True)
-        _register(new, type or c.__name__)
+        _register(new, c.__name__ if type is None else type)
         return new
 
     if cls is None:

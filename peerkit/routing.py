@@ -247,7 +247,9 @@ class RoutingTable:
 
     def _forget(self, corr: int) -> None:
         pq = self._pending.pop(corr)
-        self._by_asker.pop((pq.asker, pq.asker_corr), None)
+        key = (pq.asker, pq.asker_corr)
+        if self._by_asker.get(key) == corr:  # not a newer query reusing the asker's id
+            del self._by_asker[key]
 
     def _require(self, peer_id: str) -> None:
         if peer_id not in self._peers:
