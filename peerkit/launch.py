@@ -1,0 +1,748 @@
+"""The launcher: run a whole experiment (broker, config server and peers) and supervise it.
+
+:class:`Launcher` takes a validated :class:`~peerkit.experiment.Experiment` and:
+
+1. starts a :class:`~peerkit.Broker` and a :class:`~peerkit.ConfigServer` in this process;
+2. starts every peer in dependency order, as a subprocess (``python -m peerkit run ...``,
+   in its own process group, output to ``<run dir>/<peer_id>.log``) or as a trio task in
+   this process, always with ``autostart=False``;
+3. waits until every peer is ready (bounded by the ready timeout; the error names the peers
+   that are not ready and why), then asks each to start with ``PeerControlMessage``, in
+   dependency order;
+4. shows the state of every peer live (:mod:`peerkit._status`) until SIGINT/SIGTERM, the
+   end of ``duration``, the end of every peer, or the failure of an essential peer;
+5. stops the peers in reverse dependency order, each with a grace period (SIGTERM for a
+   process, ``async_shutdown()`` for a task), then kills what is left; no child process
+   outlives the launcher's ``run()``.
+
+A failure is a peer process that exits with a non-zero status or is killed (even with
+``kill -9``), an in-process peer whose ``run()`` raises, or a ``PanickMsg`` on the broker
+(published by a dying peer, or by the broker for a peer whose connection was lost). An
+essential peer's failure stops the experiment with exit status 1; a non-essential one is
+reported and the rest go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import attrs
+import trio
+
+from ._status import LogView, PeerRow, StatusView, TerminalView
+from .broker import Broker
+from .config import ConfigServer
+from .errors import PeerkitError, QueryAnswerUnknown
+from .experiment import CONFIG_SERVER_ID, LAUNCHER_ID, Experiment, PeerSpec
+from .messages import PanickMsg, PeerControlMessage
+from .peer import Peer
+
+__all__ = ["RUN_DIR_ENV", "Launcher", "PeerRecord", "current_run_dir"]
+
+log = logging.getLogger("peerkit.launch")
+
+#: Environment variable giving launched peer processes the run directory.
+RUN_DIR_ENV = "PEERKIT_RUN_DIR"
+
+_run_dir_var: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "peerkit_run_dir", default=None
+)
+_log_target: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "peerkit_log_target", default=None
+)
+
+_READY_STATES = frozenset({"ready", "running"})
+_LIVE_STATES = frozenset({"connected", "ready", "running", "shutting_down"})
+#: seconds between looks at the broker while peers come up, and once they run
+_FAST_POLL = 0.05
+_RATE_WINDOW = 1.0
+_KILL_WAIT = 5.0
+
+
+def current_run_dir() -> Path | None:
+    """The run directory of the experiment this code was launched in, or None.
+
+    Peers use it for their output files: in a launched subprocess it comes from the
+    ``PEERKIT_RUN_DIR`` environment variable, in an in-process peer from the launcher.
+    """
+    value = _run_dir_var.get()
+    if value is not None:
+        return value
+    env = os.environ.get(RUN_DIR_ENV)
+    return Path(env) if env else None
+
+
+@attrs.define(eq=False)
+class PeerRecord:
+    """What the launcher knows about one peer (read it; the launcher updates it)."""
+
+    spec: PeerSpec
+    log_path: Path
+    #: pending, starting, connected, ready, running, shutting_down, disconnected,
+    #: finished, failed, killed
+    state: str = "pending"
+    pid: int | None = None
+    returncode: int | None = None
+    error: str = ""
+    failed: bool = False
+    #: the launcher asked it to stop (or killed it)
+    stopping: bool = False
+    killed: bool = False
+    exited: trio.Event = attrs.field(factory=trio.Event)
+    peer: Peer | None = None
+    process: trio.Process | None = None
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    rate_in: float = 0.0
+    rate_out: float = 0.0
+    dropped: int = 0
+    _sample: tuple[float, int, int] | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return self.spec.peer_id
+
+    @property
+    def is_ready(self) -> bool:
+        return self.state in _READY_STATES
+
+    @property
+    def has_exited(self) -> bool:
+        return self.exited.is_set()
+
+
+class Launcher:
+    """Runs one experiment; :meth:`run` returns the exit status (0 ok, 1 failure).
+
+    ``duration``: stop after this many seconds of running (None: until stopped).
+    ``inprocess``: run every peer as a trio task here, whatever its ``mode``.
+    ``run_dir``: where logs go (default ``runs/<name>-<timestamp>`` in the working
+    directory). ``ready_timeout``/``grace_period`` override the experiment file's.
+    ``out``: where the status goes (default stdout); ``view``: ``"auto"`` (a live table on
+    a terminal, log lines otherwise), ``"terminal"``, ``"log"`` or a
+    :class:`~peerkit._status.StatusView`. ``handle_signals``: stop cleanly on SIGINT and
+    SIGTERM (a second signal kills at once); the CLI sets it. ``tail``: how many last lines
+    of each peer's log to show at the end.
+    """
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        *,
+        duration: float | None = None,
+        inprocess: bool = False,
+        run_dir: str | Path | None = None,
+        ready_timeout: float | None = None,
+        grace_period: float | None = None,
+        out: TextIO | None = None,
+        view: str | StatusView = "auto",
+        handle_signals: bool = False,
+        status_interval: float = 0.5,
+        summary_interval: float = 10.0,
+        tail: int = 3,
+        token: str | None = None,
+        log_level: int | None = logging.INFO,
+        python: str = sys.executable,
+    ) -> None:
+        if duration is not None and not duration > 0:
+            raise PeerkitError(f"duration must be a positive number of seconds, got {duration!r}")
+        self.experiment = experiment
+        self.duration = duration
+        self.inprocess = inprocess
+        self.ready_timeout = ready_timeout or experiment.ready_timeout
+        self.grace_period = grace_period or experiment.grace_period
+        if run_dir is None:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            run_dir = Path("runs") / f"{experiment.name}-{stamp}-{os.getpid()}"
+        self.run_dir = Path(run_dir).resolve()
+        self.out: TextIO = out if out is not None else sys.stdout
+        if isinstance(view, str):
+            if view == "auto":
+                view = "terminal" if self.out.isatty() else "log"
+            if view == "terminal":
+                view = TerminalView(self.out)
+            elif view == "log":
+                view = LogView(self.out, summary_interval)
+            else:
+                raise PeerkitError(f"view must be 'auto', 'terminal' or 'log', got {view!r}")
+        self.view: StatusView = view
+        self.handle_signals = handle_signals
+        self.status_interval = status_interval
+        self.tail = tail
+        self.token = token
+        self.log_level = log_level
+        self.python = python
+
+        #: every peer, in start order
+        self.peers: dict[str, PeerRecord] = {
+            pid: PeerRecord(experiment.peers[pid], self.run_dir / f"{pid}.log")
+            for pid in experiment.order
+        }
+        #: the broker's URL once it listens
+        self.broker_url: str | None = None
+        #: set once every peer was asked to start
+        self.running = trio.Event()
+        #: why the experiment stopped / failed
+        self.stop_reason = ""
+        self.failure: str | None = None
+        self.exit_status: int | None = None
+
+        self._stop = trio.Event()
+        self._hurry = trio.Event()
+        self._changed = trio.Event()
+        self._t0 = 0.0
+        self._phase = "starting"
+        self._broker: Broker | None = None
+        self._config_server: ConfigServer | None = None
+        self._ctl: Peer | None = None
+        self._children: trio.Nursery | None = None
+        self._pgids: set[int] = set()
+
+    # ------------------------------------------------------------------ public
+    def stop(self, reason: str = "stop requested") -> None:
+        """Ask the experiment to stop (clean shutdown, exit status 0 unless a failure)."""
+        if not self._stop.is_set():
+            self.stop_reason = reason
+            self._event(f"stopping: {reason}")
+            self._stop.set()
+            self._notify()
+
+    async def wait_until(self, predicate: Callable[[Launcher], bool], timeout: float) -> None:
+        """Wait until ``predicate(launcher)`` holds; re-checked at every change of a peer.
+
+        Raises :class:`trio.TooSlowError` after ``timeout`` seconds.
+        """
+        with trio.fail_after(timeout):
+            await self._wait(lambda: predicate(self))
+
+    async def run(self) -> int:
+        """Run the experiment to its end; returns the exit status (0 ok, 1 failure)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._t0 = trio.current_time()
+        self._event(f"run directory: {self.run_dir}")
+        token = _run_dir_var.set(self.run_dir)
+        try:
+            with self._logging():
+                log.info("launching %s", self.experiment.path or self.experiment.name)
+                try:
+                    await self._run()
+                except (PeerkitError, OSError) as exc:
+                    self._fail(f"{type(exc).__name__}: {exc}")
+                finally:
+                    self._kill_process_groups()
+                    self.view.close()
+        finally:
+            _run_dir_var.reset(token)
+        self.exit_status = 0 if self.failure is None else 1
+        self._summary()
+        return self.exit_status
+
+    # ------------------------------------------------------------------ main flow
+    async def _run(self) -> None:
+        exp = self.experiment
+        async with trio.open_nursery() as nursery:
+            if self.handle_signals:
+                await nursery.start(self._watch_signals)
+            broker = Broker(exp.host, exp.port, token=self.token)
+            await nursery.start(broker.run)
+            self._broker = broker
+            self.broker_url = broker.url
+            self._event(f"broker listening on {broker.url}")
+            try:
+                config_server = ConfigServer(broker.url, CONFIG_SERVER_ID, token=self.token)
+                await nursery.start(config_server.run)
+                self._config_server = config_server
+                ctl = Peer(broker.url, LAUNCHER_ID, token=self.token)
+                await nursery.start(ctl.run)
+                self._ctl = ctl
+                await ctl.subscribe_for_all_msg_subtype(PanickMsg, self._on_panick)
+                nursery.start_soon(self._monitor)
+                async with trio.open_nursery() as children:
+                    self._children = children
+                    await self._supervise()
+                    await self._stop_peers()
+                    children.cancel_scope.cancel(reason="the experiment is over")
+            finally:
+                with trio.CancelScope(shield=True):
+                    for helper in (self._ctl, self._config_server):
+                        if helper is not None:
+                            await helper.async_shutdown()
+                    await broker.shutdown()
+            nursery.cancel_scope.cancel(reason="the experiment is over")
+
+    async def _supervise(self) -> None:
+        assert self._children is not None
+        for rec in self.peers.values():
+            if self._stop.is_set():
+                return
+            if rec.spec.mode == "inprocess" or self.inprocess:
+                await self._children.start(self._run_inprocess, rec)
+            else:
+                await self._children.start(self._run_process, rec)
+        if not await self._wait_ready():
+            return
+        self._phase = "running"
+        assert self._ctl is not None
+        for rec in self.peers.values():
+            if self._stop.is_set():
+                return
+            if rec.has_exited or rec.failed:
+                continue
+            action = PeerControlMessage(peer_id=rec.peer_id, action="start")
+            try:
+                await self._ctl.ask_peer(rec.peer_id, action, timeout=self.grace_period)
+            except QueryAnswerUnknown as exc:
+                self._peer_failed(rec, f"could not be started: {exc}")
+        if self._stop.is_set():
+            return
+        took = trio.current_time() - self._t0
+        until = f" for {self.duration:g} s" if self.duration else "; stop with Ctrl-C"
+        self._event(f"all peers started in {took:.1f} s, running{until}")
+        self.running.set()
+        self._notify()
+        with trio.move_on_after(self.duration if self.duration else float("inf")):
+            await self._stop.wait()
+        self.stop(f"the duration of {self.duration:g} s is over")
+
+    async def _wait_ready(self) -> bool:
+        def settled() -> bool:
+            return self._stop.is_set() or all(
+                rec.is_ready or (not rec.spec.essential and (rec.failed or rec.has_exited))
+                for rec in self.peers.values()
+            )
+
+        with trio.move_on_after(self.ready_timeout) as scope:
+            await self._wait(settled)
+        if self._stop.is_set():
+            return False
+        if scope.cancelled_caught:
+            late = [rec for rec in self.peers.values() if not rec.is_ready and not rec.failed]
+            details = "; ".join(f"{rec.peer_id}: {self._why_not_ready(rec)}" for rec in late)
+            self._fail(f"not ready within {self.ready_timeout:g} s: {details}")
+            return False
+        took = trio.current_time() - self._t0
+        self._event(f"all peers ready in {took:.1f} s")
+        return True
+
+    def _why_not_ready(self, rec: PeerRecord) -> str:
+        if rec.has_exited:
+            return f"exited ({rec.error or rec.state})"
+        if rec.state in ("pending", "starting"):
+            where = f"process {rec.pid}" if rec.pid else "the peer"
+            tail = _tail(rec.log_path, 1)
+            return f"{where} has not connected to the broker" + (
+                f" (last log line: {tail[0]})" if tail else ""
+            )
+        reason = ""
+        cs = self._config_server
+        if cs is not None and rec.peer_id in cs.registry.peers:
+            reason = cs.registry.why_not_ready(rec.peer_id)
+        elif rec.spec.configured:
+            reason = "not registered with the config server"
+        return f"{rec.state}" + (f", waiting for {reason}" if reason else "")
+
+    # ------------------------------------------------------------------ children
+    def _peer_kwargs(self, rec: PeerRecord) -> dict[str, Any]:
+        kwargs = rec.spec.config_kwargs()
+        if rec.spec.configured:
+            kwargs["config_timeout"] = self.ready_timeout
+        return kwargs
+
+    def _command(self, rec: PeerRecord) -> list[str]:
+        assert self.broker_url is not None
+        args_file = self.run_dir / f"{rec.peer_id}.args.json"
+        args_file.write_text(json.dumps(self._peer_kwargs(rec), indent=2) + "\n")
+        cmd = [
+            self.python,
+            "-m",
+            "peerkit",
+            "run",
+            rec.spec.class_path,
+            "--broker",
+            self.broker_url,
+            "--id",
+            rec.peer_id,
+            "--no-autostart",
+            "--args-file",
+            str(args_file),
+        ]
+        if not rec.spec.essential:
+            cmd.append("--non-essential")
+        return cmd
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        paths = [str(self.experiment.directory)]
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        env[RUN_DIR_ENV] = str(self.run_dir)
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.token is not None:
+            env["PEERKIT_TOKEN"] = self.token
+        return env
+
+    async def _run_process(
+        self, rec: PeerRecord, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        rec.state = "starting"
+        try:
+            with rec.log_path.open("ab") as logfile:
+                process = await trio.lowlevel.open_process(
+                    self._command(rec),
+                    stdin=subprocess.DEVNULL,
+                    stdout=logfile,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group: killed as a whole
+                    env=self._environment(),
+                )
+        except OSError as exc:
+            task_status.started()
+            self._peer_failed(rec, f"could not start the process: {exc}")
+            rec.exited.set()
+            return
+        rec.process = process
+        rec.pid = process.pid
+        self._pgids.add(process.pid)
+        self._event(f"{rec.peer_id}: started process {process.pid}")
+        task_status.started()
+        code: int | None = None
+        try:
+            code = await process.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                if process.returncode is None:
+                    rec.killed = True
+                    _killpg(process.pid)
+                    await process.wait()
+                _killpg(process.pid)  # whatever it left behind in its group
+                self._pgids.discard(process.pid)
+                if code is None:  # cancelled: the launcher itself is going away
+                    rec.returncode = process.returncode
+                    self._peer_killed(rec, "killed: the launcher was cancelled")
+                    rec.exited.set()
+        self._process_exited(rec, code)
+
+    def _process_exited(self, rec: PeerRecord, code: int) -> None:
+        rec.returncode = code
+        if code == 0 or (rec.stopping and code == -signal.SIGTERM):
+            self._peer_finished(rec, f"exit status {code}")
+        elif code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            if rec.killed:
+                self._peer_killed(rec, f"killed with {name}")
+            else:
+                self._peer_failed(rec, f"killed by {name}")
+        else:
+            tail = _tail(rec.log_path, 1)
+            self._peer_failed(rec, f"exited with status {code}" + (f": {tail[0]}" if tail else ""))
+        rec.exited.set()
+        self._notify()
+
+    async def _run_inprocess(
+        self, rec: PeerRecord, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        assert self.broker_url is not None
+        _log_target.set(rec.peer_id)
+        rec.state = "starting"
+        error: BaseException | None = None
+        task_status.started()
+        with rec.scope:
+            try:
+                peer = rec.spec.peer_class(
+                    self.broker_url,
+                    rec.peer_id,
+                    autostart=False,
+                    is_essential=rec.spec.essential,
+                    token=self.token,
+                    **self._peer_kwargs(rec),
+                )
+                rec.peer = peer
+                self._event(f"{rec.peer_id}: started in this process")
+                await peer.run()
+            except Exception as exc:
+                error = exc
+        if rec.scope.cancelled_caught:
+            rec.killed = True
+            self._peer_killed(rec, "cancelled")
+        elif error is not None:
+            self._peer_failed(rec, f"{type(error).__name__}: {error}")
+        else:
+            self._peer_finished(rec, "finished")
+        rec.exited.set()
+        self._notify()
+
+    # ------------------------------------------------------------------ stopping
+    async def _stop_peers(self) -> None:
+        self._phase = "stopping"
+        for rec in reversed(self.peers.values()):
+            if not rec.has_exited:
+                await self._stop_peer(rec)
+
+    async def _stop_peer(self, rec: PeerRecord) -> None:
+        rec.stopping = True
+        if rec.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                rec.process.send_signal(signal.SIGTERM)
+        elif rec.peer is not None and self._children is not None:
+            self._children.start_soon(rec.peer.async_shutdown)
+        grace = 0.0 if self._hurry.is_set() else self.grace_period
+        with trio.move_on_after(grace):
+            await self._wait(lambda: rec.has_exited or self._hurry.is_set())
+        if rec.has_exited:
+            return
+        if not self._hurry.is_set():
+            self._event(f"{rec.peer_id}: still running after {grace:g} s, killing it")
+            if rec.spec.essential:
+                self._fail(f"essential peer {rec.peer_id!r} did not stop within {grace:g} s")
+        rec.killed = True
+        if rec.process is not None:
+            _killpg(rec.process.pid)
+        rec.scope.cancel(reason="killed by the launcher")
+        with trio.move_on_after(_KILL_WAIT):
+            await rec.exited.wait()
+
+    def _kill_process_groups(self) -> None:
+        for pgid in list(self._pgids):
+            _killpg(pgid)
+
+    async def _watch_signals(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not self._stop.is_set():
+                    self.stop(f"{name} received")
+                else:
+                    self._event(f"{name} received again: killing every peer now")
+                    self._hurry.set()
+                    self._notify()
+
+    # ------------------------------------------------------------------ outcomes
+    def _peer_finished(self, rec: PeerRecord, detail: str) -> None:
+        if rec.failed:
+            return
+        if not rec.stopping and not self.running.is_set() and rec.spec.essential:
+            self._peer_failed(rec, f"ended before the experiment started ({detail})")
+            return
+        rec.state = "finished"
+        self._event(f"{rec.peer_id}: finished ({detail})")
+        if all(r.has_exited or r is rec for r in self.peers.values()):
+            self.stop("every peer has finished")
+
+    def _peer_killed(self, rec: PeerRecord, detail: str) -> None:
+        if not rec.failed:
+            rec.state = "killed"
+            rec.error = rec.error or detail
+            self._event(f"{rec.peer_id}: {detail}")
+
+    def _peer_failed(self, rec: PeerRecord, reason: str) -> None:
+        if rec.failed:
+            return
+        rec.failed = True
+        rec.state = "failed"
+        rec.error = reason
+        essential = "essential" if rec.spec.essential else "non-essential"
+        self._event(f"{rec.peer_id}: FAILED ({essential}): {reason}")
+        if rec.spec.essential:
+            self._fail(f"essential peer {rec.peer_id!r} failed: {reason}")
+        elif not self._stop.is_set():
+            self._event(f"{rec.peer_id} is not essential; the experiment goes on")
+            if all(r.has_exited or r is rec for r in self.peers.values()):
+                self.stop("every peer has finished")
+        self._notify()
+
+    def _fail(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+        log.error("%s", reason)
+        self.stop(reason)
+
+    def _on_panick(self, msg: PanickMsg) -> None:
+        rec = self.peers.get(msg.sender)
+        text = f"{msg.error_type}: {msg.message}" if msg.error_type else msg.message
+        if rec is None:
+            if msg.sender not in (LAUNCHER_ID, CONFIG_SERVER_ID):
+                self._event(f"{msg.sender} (not part of the experiment) panicked: {text}")
+            return
+        if rec.stopping or rec.killed:
+            rec.error = rec.error or text
+            return
+        self._peer_failed(rec, f"panicked: {text}")
+
+    # ------------------------------------------------------------------ monitoring
+    async def _monitor(self) -> None:
+        while True:
+            self._poll()
+            interval = _FAST_POLL if self._phase == "starting" else self.status_interval
+            await trio.sleep(interval)
+
+    def _poll(self) -> None:
+        if self._broker is None:
+            return
+        now = trio.current_time()
+        infos = {p.peer_id: p for p in self._broker.info().peers}
+        changed = False
+        for rec in self.peers.values():
+            info = infos.get(rec.peer_id)
+            if info is not None:
+                rec.dropped = info.dropped
+                # the broker counts what it receives from the peer (the peer's output)
+                sample = (now, info.msgs_out, info.msgs_in)
+                if rec._sample is None:
+                    rec._sample = sample
+                elif now - rec._sample[0] >= _RATE_WINDOW:
+                    dt = now - rec._sample[0]
+                    rec.rate_in = (sample[1] - rec._sample[1]) / dt
+                    rec.rate_out = (sample[2] - rec._sample[2]) / dt
+                    rec._sample = sample
+            else:
+                rec.rate_in = rec.rate_out = 0.0
+            if rec.failed or rec.has_exited:
+                continue
+            if info is not None:
+                new = info.state or "connected"
+            elif rec.state in _LIVE_STATES:
+                new = "disconnected"
+            else:
+                new = rec.state
+            if new != rec.state:
+                rec.state = new
+                changed = True
+                if not rec.stopping:
+                    self._event(f"{rec.peer_id}: {new}")
+        if changed:
+            self._notify()
+        title = f"{self.experiment.name}: {self._phase}  broker {self.broker_url}"
+        self.view.update(now - self._t0, title, self.rows())
+
+    def rows(self) -> list[PeerRow]:
+        """The status table's rows."""
+        return [
+            PeerRow(
+                peer_id=rec.peer_id,
+                state=rec.state,
+                pid=rec.pid,
+                rate_in=rec.rate_in,
+                rate_out=rec.rate_out,
+                dropped=rec.dropped,
+                essential=rec.spec.essential,
+                last_error=rec.error,
+            )
+            for rec in self.peers.values()
+        ]
+
+    # ------------------------------------------------------------------ helpers
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            await self._changed.wait()
+
+    def _elapsed(self) -> float:
+        try:
+            return trio.current_time() - self._t0
+        except RuntimeError:
+            return 0.0
+
+    def _event(self, text: str) -> None:
+        log.info("%s", text)
+        self.view.event(self._elapsed(), text)
+
+    @contextlib.contextmanager
+    def _logging(self) -> Iterator[None]:
+        handler = _RunDirHandler(self.run_dir)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root = logging.getLogger()
+        old_level = root.level
+        root.addHandler(handler)
+        if self.log_level is not None:
+            root.setLevel(self.log_level)
+        try:
+            yield
+        finally:
+            root.removeHandler(handler)
+            root.setLevel(old_level)
+            handler.close()
+
+    def _summary(self) -> None:
+        out = self.out
+        out.write(f"\nrun directory: {self.run_dir}\n")
+        width = max(len(pid) for pid in self.peers) if self.peers else 0
+        for rec in self.peers.values():
+            code = "" if rec.returncode is None else f" (exit {rec.returncode})"
+            error = f": {rec.error}" if rec.error and rec.state != "finished" else ""
+            out.write(f"  {rec.peer_id.ljust(width)}  {rec.state}{code}{error}\n")
+            for line in _tail(rec.log_path, self.tail):
+                out.write(f"  {' ' * width}  | {line}\n")
+        if self.failure is not None:
+            out.write(f"FAILED: {self.failure}\n")
+        out.write(f"exit status {self.exit_status}\n")
+        out.flush()
+
+
+#: Format of the log lines the launcher and ``peerkit run`` write.
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class _RunDirHandler(logging.Handler):
+    """Writes each record to ``<run dir>/<peer>.log`` for in-process peers (by context),
+    everything else to ``<run dir>/launcher.log``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.run_dir = run_dir
+        self._files: dict[str, TextIO] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            name = _log_target.get() or "launcher"
+            stream = self._files.get(name)
+            if stream is None:
+                stream = (self.run_dir / f"{name}.log").open("a", encoding="utf-8")
+                self._files[name] = stream
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        for stream in self._files.values():
+            stream.close()
+        self._files.clear()
+        super().close()
+
+
+def _killpg(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _tail(path: Path, count: int) -> list[str]:
+    """The last ``count`` non-empty lines of a text file (nothing if it does not exist)."""
+    if count <= 0:
+        return []
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(size - 64 * 1024, 0))
+            data = f.read()
+    except OSError:
+        return []
+    lines = [line for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
+    return lines[-count:]
