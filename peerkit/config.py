@@ -80,6 +80,7 @@ from .params import (
     type_name,
 )
 from .peer import Peer, query_handler, subscribe
+from .states import PeerState
 
 __all__ = [
     "DEFAULT_CONFIG_SERVER_ID",
@@ -154,6 +155,16 @@ class ConfigServer(Peer):
                 )
             )
         return ConfigSnapshot(peers=peers, gone=dict(reg.gone))
+
+    async def wait_for(self, predicate: Callable[[ConfigRegistry], bool], timeout: float) -> None:
+        """Wait until ``predicate(self.registry)`` holds; it is re-checked after every
+        registration, readiness, departure and parameter change (no polling).
+        :class:`ConfigTimeout` after ``timeout`` seconds."""
+        with trio.move_on_after(timeout) as scope:
+            while not predicate(self.registry):
+                await self._changed.park()
+        if scope.cancelled_caught:
+            raise ConfigTimeout(f"config server: condition not met within {timeout} s")
 
     async def wait_until_ready(self, peer_ids: Iterable[str], timeout: float) -> None:
         """Wait until every peer of ``peer_ids`` is registered and ready.
@@ -619,6 +630,10 @@ class ConfiguredPeer(Peer):
         self._gating = False
         await self._dependencies_are_ready()
         await self._connections_established()
+        if self.is_shutting_down:
+            return
+        # ready before anyone hears of it (the base class sets it again, then autostarts)
+        self._state = PeerState.ready
         reply = await self._ask_cs(MarkPeerReady())
         if not isinstance(reply, OkMsg):
             raise ConfigError(f"the config server refused readiness: {_error_text(reply)}")

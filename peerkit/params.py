@@ -643,7 +643,7 @@ def build_config(
             if name not in decls:
                 raise _unknown(name, decls, "local_params", layer.source)
             values[name] = load_value(decls[name], value, layer.source)
-            sources[name] = layer.source
+            sources[name] = value.source if isinstance(value, Text) else layer.source
             ext_raw.pop(name, None)
         for name, ref in layer.external_params.items():
             if name not in decls:
