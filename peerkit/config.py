@@ -61,7 +61,7 @@ from .config_messages import (
     UpdateParams,
 )
 from .config_registry import ConfigRegistry
-from .errors import NoHandlerError, PeerkitError, QueryAnswerUnknown
+from .errors import HandlerGoneError, NoHandlerError, PeerkitError, QueryAnswerUnknown
 from .messages import ErrorMsg, Message, OkMsg, PanickMsg, PeerReady
 from .params import (
     MISSING,
@@ -412,8 +412,12 @@ class ConfiguredPeer(Peer):
         """Called after parameters changed: ``changed`` maps names to the new values."""
 
     async def _dependency_lost(self, peer_id: str, detail: str) -> None:
-        """Called when a launch dependency leaves or dies after this peer became ready."""
-        log.warning("peer %r: launch dependency %r is gone: %s", self.peer_id, peer_id, detail)
+        """Called when a launch dependency leaves or dies after this peer became ready.
+
+        By default it logs (a warning if the dependency died); the peer carries on.
+        """
+        level = logging.INFO if detail == "left" else logging.WARNING
+        log.log(level, "peer %r: launch dependency %r is gone: %s", self.peer_id, peer_id, detail)
 
     # ------------------------------------------------------------------ set_param
     async def set_param(self, name: str, value: Any) -> None:
@@ -569,13 +573,28 @@ class ConfiguredPeer(Peer):
     async def _register_step(self) -> bool:
         try:
             await self._register_once()
-        except NoHandlerError as exc:
+        except (NoHandlerError, HandlerGoneError) as exc:
             self._waiting_for = {"config server": str(exc)}
             return False
         return True
 
+    async def _gating_query(self, msg: Message) -> Message | None:
+        """Ask the config server during gating; None (wait for news) if it is gone, and
+        register again if it forgot us (it restarted)."""
+        try:
+            reply = await self._ask_cs(msg)
+            if isinstance(reply, ErrorMsg) and reply.code == "not_registered":
+                await self._register_once()
+                reply = await self._ask_cs(msg)
+        except (NoHandlerError, HandlerGoneError) as exc:
+            self._waiting_for = {"config server": str(exc)}
+            return None
+        return reply
+
     async def _external_step(self) -> bool:
-        reply = await self._ask_cs(ExternalParamsQuery())
+        reply = await self._gating_query(ExternalParamsQuery())
+        if reply is None:
+            return False
         if not isinstance(reply, ExternalParams):
             raise ConfigError(f"cannot get external params: {_error_text(reply)}")
         for name, value in reply.values.items():
@@ -590,7 +609,9 @@ class ConfiguredPeer(Peer):
         return not reply.missing
 
     async def _dependencies_step(self) -> bool:
-        reply = await self._ask_cs(DependenciesQuery())
+        reply = await self._gating_query(DependenciesQuery())
+        if reply is None:
+            return False
         if not isinstance(reply, DependenciesStatus):
             raise ConfigError(f"cannot get dependency status: {_error_text(reply)}")
         if reply.failed:

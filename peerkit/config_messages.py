@@ -3,18 +3,18 @@
 Queries a :class:`~peerkit.ConfiguredPeer` asks the config server (peer id ``config_server``)
 with ``ask_peer``:
 
-=========================== ================================= =================================
-query                       answer                            meaning
-=========================== ================================= =================================
-:class:`RegisterPeerConfig` ``OkMsg``                         store (or replace) my config
-:class:`UnregisterPeerConfig` ``OkMsg``                       forget me (I leave)
-:class:`ExternalParamsQuery` :class:`ExternalParams`          values of my external params
-:class:`DependenciesQuery`  :class:`DependenciesStatus`       are my launch dependencies ready?
-:class:`MarkPeerReady`      ``OkMsg``                         I am ready now
-:class:`UpdateParams`       ``OkMsg``                         my local params changed
-:class:`ConfigParamsRequest` :class:`ConfigParams`            any peer's (resolved) params
-:class:`ConfigSnapshotQuery` :class:`ConfigSnapshot`          every configured peer (introspection)
-=========================== ================================= =================================
+================================ =============================== ================================
+query                            answer                          meaning
+================================ =============================== ================================
+:class:`RegisterPeerConfig`      ``OkMsg``                       store (or replace) my config
+:class:`UnregisterPeerConfig`    ``OkMsg``                       forget me (I leave)
+:class:`ExternalParamsQuery`     :class:`ExternalParams`         my external params' values
+:class:`DependenciesQuery`       :class:`DependenciesStatus`     are my dependencies ready?
+:class:`MarkPeerReady`           ``OkMsg``                       I am ready now
+:class:`UpdateParams`            ``OkMsg``                       my local params changed
+:class:`ConfigParamsRequest`     :class:`ConfigParams`           any peer's (resolved) params
+:class:`ConfigSnapshotQuery`     :class:`ConfigSnapshot`         every configured peer
+================================ =============================== ================================
 
 Refusals come back as ``ErrorMsg(code, details)``. The config server publishes
 :class:`ConfigServerReady` when it starts, :class:`PeerStatusChanged` when a peer registers,

@@ -467,3 +467,22 @@ async def test_wait_until_ready_embedded(
                 await config_server.wait_until_ready(["amp", "ghost"], 2)
         with pytest.raises(DependencyLost, match="'amp' left"):
             await config_server.wait_until_ready(["amp"], 2)
+
+
+async def test_config_server_restart_while_a_peer_waits(
+    broker: Broker, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(10):
+        cs = ConfigServer(broker.url)
+        await nursery.start(cs.run)
+        flt = Filter(broker.url, "filter", local_params={"rate": 1}, launch_dependencies=["amp"])
+        async with flt:
+            await cs.wait_for(lambda r: "filter" in r.peers, 5)
+            await cs.async_shutdown()
+            cs2 = ConfigServer(broker.url)
+            await nursery.start(cs2.run)
+            await cs2.wait_for(lambda r: "filter" in r.peers, 5)  # it registered again
+            assert not flt.is_ready
+            async with Amp(broker.url, "amp"):
+                await cs2.wait_until_ready(["amp", "filter"], 5)
+        await cs2.async_shutdown()
