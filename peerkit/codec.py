@@ -119,8 +119,8 @@ def _is_container(t: Any) -> bool:
     )
 
 
-def _make_converter() -> cattrs.Converter:
-    c = make_converter(forbid_extra_keys=True, detailed_validation=True)
+def _make_converter(detailed: bool = True) -> cattrs.Converter:
+    c = make_converter(forbid_extra_keys=True, detailed_validation=detailed)
     c.register_structure_hook(int, _strict_int)
     c.register_structure_hook(float, _strict_float)
     c.register_structure_hook(str, _strict_str)
@@ -135,7 +135,7 @@ def _make_converter() -> cattrs.Converter:
 
     def default_hook(t: Any) -> Callable[[Any, Any], Any]:
         if (get_origin(t) or t) in _MAPPING_ORIGINS:
-            return mapping_structure_factory(t, c, structure_to=dict, detailed_validation=True)
+            return mapping_structure_factory(t, c, structure_to=dict, detailed_validation=detailed)
         # The hook cattrs would make for ``t``: skip the factory below while asking for it.
         building.add(t)
         try:
@@ -168,16 +168,23 @@ def _make_converter() -> cattrs.Converter:
     c.register_structure_hook_factory(
         is_message,
         lambda cls: make_dict_structure_fn(
-            cls, c, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=True
+            cls, c, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=detailed
         ),
     )
     return c
 
 
-#: The cattrs converter used for message bodies (strict).
+#: The cattrs converter used for message bodies (strict, with detailed error reports).
 converter: cattrs.Converter = _make_converter()
+#: The same rules without detailed validation: the fast first try when decoding; a failure
+#: is then re-run through :data:`converter` for a precise message.
+_fast_converter: cattrs.Converter = _make_converter(detailed=False)
+_STRUCTURE: dict[type, Callable[[Any, Any], Any]] = {}
 
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+#: Per-class unstructure functions (the hot path skips cattrs' dispatch).
+_UNSTRUCTURE: dict[type, Callable[[Any], Any]] = {}
 
 
 # ----------------------------------------------------------------------------- bodies
@@ -199,10 +206,18 @@ def encode_body(msg: Message, max_size: int | None = None) -> bytes:
     Raises :class:`MessageTooLarge` if ``max_size`` is given and exceeded, and
     :class:`PeerkitError` for a value msgpack cannot carry.
     """
-    if not isinstance(msg, Message):
-        raise PeerkitError(f"expected a peerkit.Message instance, got {type(msg).__name__}")
+    cls = type(msg)
     try:
-        data: bytes = _packb(converter.unstructure(msg))
+        unstructure = _UNSTRUCTURE[cls]
+    except KeyError:
+        if not isinstance(msg, Message):
+            raise PeerkitError(
+                f"expected a peerkit.Message instance, got {type(msg).__name__}"
+            ) from None
+        cls.message_type()  # raises a clear error for an unregistered class
+        unstructure = _UNSTRUCTURE[cls] = converter.get_unstructure_hook(cls)
+    try:
+        data: bytes = _packb(unstructure(msg))
     except (TypeError, ValueError, OverflowError) as exc:
         raise PeerkitError(
             f"cannot encode {type(msg).__qualname__}: {exc}; message fields must be "
@@ -225,6 +240,14 @@ def decode_body(cls: type[Message], body: bytes, sender: str = "") -> Message:
     if type(data) is not dict:
         raise DecodeError(f"cannot decode message {what}: body is not a map")
     data["sender"] = sender
+    try:
+        fast = _STRUCTURE[cls]
+    except KeyError:
+        fast = _STRUCTURE[cls] = _fast_converter.get_structure_hook(cls)
+    try:
+        return fast(data, cls)  # type: ignore[no-any-return]
+    except Exception:  # re-run below for a detailed report
+        pass
     try:
         return converter.structure(data, cls)
     except cattrs.BaseValidationError as exc:

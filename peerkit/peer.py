@@ -865,7 +865,8 @@ class Peer(StateMachine):
         """
         self._require_connected("send_message")
         body = codec.encode_body(msg, self._max_message_size)
-        data = pack_envelope(_PUB, msg.message_type(), "", 0, "", body)
+        # encode_body checked the class is registered: its type name is safe to read
+        data = pack_envelope(_PUB, type(msg).__message_type__, "", 0, "", body)
         if len(self._out) >= self.send_queue_size:
             try:
                 with trio.fail_after(self.send_timeout):

@@ -11,13 +11,13 @@ import trio
 from peerkit import Broker, Message, MessageTooLarge, Peer, message, subscribe
 
 
-@message
+@message(type="test_pubsub.Tick")
 class Tick(Message):
     seq: int
     payload: bytes = b""
 
 
-@message
+@message(type="test_pubsub.Other")
 class Other(Message):
     text: str
 
@@ -111,13 +111,16 @@ async def test_pull_subscription_stream(broker: Broker) -> None:
     with trio.fail_after(10):
         async with Peer(broker.url, "sub") as sub, Peer(broker.url, "pub") as pub:
             async with sub.subscription(Tick, sender="pub") as stream:
+                info = await sub.broker_info()
+                (me,) = [p for p in info.peers if p.peer_id == "sub"]
+                assert "test_pubsub.Tick@pub" in me.subscriptions
                 for i in range(5):
                     await pub.send_message(Tick(seq=i))
                 received = [(await stream.receive()).seq for _ in range(5)]
             assert received == [0, 1, 2, 3, 4]
             info = await sub.broker_info()
             (me,) = [p for p in info.peers if p.peer_id == "sub"]
-            assert "Tick@pub" not in me.subscriptions  # left the block: unsubscribed
+            assert "test_pubsub.Tick@pub" not in me.subscriptions  # left the block: unsubscribed
 
 
 class Listener(Peer):
