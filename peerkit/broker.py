@@ -324,7 +324,12 @@ class Broker:
 
     # ------------------------------------------------------------- connections
     async def _handle_connection(self, request: trio_websocket.WebSocketRequest) -> None:
-        ws = await request.accept()
+        # trio-websocket runs this in the server's nursery: an exception escaping it would
+        # take the whole broker down, so whatever one connection does ends with it.
+        try:
+            ws = await request.accept()
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
+            return
         try:
             conn = await self._handshake(ws)
             if conn is None:
@@ -337,6 +342,10 @@ class Broker:
                         nursery.cancel_scope.cancel()
             finally:
                 self._remove(conn)
+        except* (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
+            pass  # the peer went away; _remove() has dealt with it
+        except* Exception as group:
+            log.error("connection handler failed (the broker carries on)", exc_info=group)
         finally:
             with trio.move_on_after(self.grace_period) as cs:
                 cs.shield = True

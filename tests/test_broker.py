@@ -279,3 +279,21 @@ def test_bad_broker_options() -> None:
         Broker(port=70000)
     with pytest.raises(PeerkitError, match="not listening"):
         _ = Broker().url
+
+
+async def test_peer_vanishing_mid_stream_does_not_hurt_the_broker(broker: Broker) -> None:
+    """A subscriber whose TCP connection dies while the broker writes to it."""
+    with trio.fail_after(10):
+        async with Peer(broker.url, "watcher") as watcher, watcher.subscription(PanickMsg) as p:
+            async with raw(broker.url, "vanishing") as ws:
+                await ws.send_message(pack_envelope(int(Kind.SUB), "Blob", "", 1))
+                await next_envelope(ws, Kind.ACK)
+                await trio.aclose_forcefully(ws._stream)  # no close frame, just gone
+                async with Peer(broker.url, "pub") as pub:
+                    for _ in range(200):
+                        await pub.send_message(Blob(data=b"w" * 5000))
+                    panic = await p.receive()
+            assert panic.sender == "vanishing"
+            assert "without goodbye" in panic.message
+        assert "vanishing" not in broker.peer_ids
+        await assert_broker_still_routes(broker)
