@@ -235,10 +235,16 @@ def parse_experiment(
     ids = set(peers_table)
     for spec in specs.values():
         for dep in spec.dependencies:
-            if dep not in ids and dep != CONFIG_SERVER_ID:
+            if dep not in ids:
                 problems.append(
                     f"peers.{spec.peer_id} depends on {dep!r}, which is not a peer of this "
                     f"experiment{_suggest(dep, ids)}"
+                )
+            elif dep in specs and not specs[dep].configured:
+                problems.append(
+                    f"peers.{spec.peer_id} depends on {dep!r}, whose class "
+                    f"{specs[dep].class_path} is not a ConfiguredPeer: only configured peers "
+                    "tell the config server when they are ready"
                 )
     _check_external_params(specs, problems)
     if not problems:

@@ -39,6 +39,7 @@ from typing import Any, TextIO
 
 import attrs
 import trio
+import trio_websocket
 
 from ._status import LogView, PeerRow, StatusView, TerminalView
 from .broker import Broker
@@ -218,7 +219,8 @@ class Launcher:
             self._notify()
 
     async def wait_until(self, predicate: Callable[[Launcher], bool], timeout: float) -> None:
-        """Wait until ``predicate(launcher)`` holds; re-checked at every change of a peer.
+        """Wait until ``predicate(launcher)`` holds; re-checked at every change of a peer
+        and every look at the broker (each ``status_interval``).
 
         Raises :class:`trio.TooSlowError` after ``timeout`` seconds.
         """
@@ -253,7 +255,7 @@ class Launcher:
         async with trio.open_nursery() as nursery:
             if self.handle_signals:
                 await nursery.start(self._watch_signals)
-            broker = Broker(exp.host, exp.port, token=self.token)
+            broker = _Broker(exp.host, exp.port, token=self.token)
             await nursery.start(broker.run)
             self._broker = broker
             self.broker_url = broker.url
@@ -305,12 +307,16 @@ class Launcher:
                 self._peer_failed(rec, f"could not be started: {exc}")
         if self._stop.is_set():
             return
+        self._poll()  # each peer reported "running" before it answered
         took = trio.current_time() - self._t0
         until = f" for {self.duration:g} s" if self.duration else "; stop with Ctrl-C"
         self._event(f"all peers started in {took:.1f} s, running{until}")
         self.running.set()
         self._notify()
-        with trio.move_on_after(self.duration if self.duration else float("inf")):
+        if self.duration is None:
+            await self._stop.wait()
+            return
+        with trio.move_on_after(self.duration):
             await self._stop.wait()
         self.stop(f"the duration of {self.duration:g} s is over")
 
@@ -327,7 +333,7 @@ class Launcher:
             return False
         if scope.cancelled_caught:
             late = [rec for rec in self.peers.values() if not rec.is_ready and not rec.failed]
-            details = "; ".join(f"{rec.peer_id}: {self._why_not_ready(rec)}" for rec in late)
+            details = "; ".join(f"{rec.peer_id} {self._why_not_ready(rec)}" for rec in late)
             self._fail(f"not ready within {self.ready_timeout:g} s: {details}")
             return False
         took = trio.current_time() - self._t0
@@ -336,20 +342,20 @@ class Launcher:
 
     def _why_not_ready(self, rec: PeerRecord) -> str:
         if rec.has_exited:
-            return f"exited ({rec.error or rec.state})"
+            return f"(exited): {rec.error or rec.state}"
         if rec.state in ("pending", "starting"):
             where = f"process {rec.pid}" if rec.pid else "the peer"
             tail = _tail(rec.log_path, 1)
-            return f"{where} has not connected to the broker" + (
+            return f"({rec.state}): {where} has not connected to the broker" + (
                 f" (last log line: {tail[0]})" if tail else ""
             )
         reason = ""
         cs = self._config_server
         if cs is not None and rec.peer_id in cs.registry.peers:
-            reason = cs.registry.why_not_ready(rec.peer_id)
+            reason = cs.registry.why_not_ready(rec.peer_id).removeprefix(f"{rec.peer_id}: ")
         elif rec.spec.configured:
             reason = "not registered with the config server"
-        return f"{rec.state}" + (f", waiting for {reason}" if reason else "")
+        return f"({rec.state})" + (f": {reason}" if reason else "")
 
     # ------------------------------------------------------------------ children
     def _peer_kwargs(self, rec: PeerRecord) -> dict[str, Any]:
@@ -594,7 +600,6 @@ class Launcher:
             return
         now = trio.current_time()
         infos = {p.peer_id: p for p in self._broker.info().peers}
-        changed = False
         for rec in self.peers.values():
             info = infos.get(rec.peer_id)
             if info is not None:
@@ -620,11 +625,9 @@ class Launcher:
                 new = rec.state
             if new != rec.state:
                 rec.state = new
-                changed = True
                 if not rec.stopping:
                     self._event(f"{rec.peer_id}: {new}")
-        if changed:
-            self._notify()
+        self._notify()  # waiters re-check at every look, changed or not
         title = f"{self.experiment.name}: {self._phase}  broker {self.broker_url}"
         self.view.update(now - self._t0, title, self.rows())
 
@@ -725,6 +728,20 @@ class _RunDirHandler(logging.Handler):
             stream.close()
         self._files.clear()
         super().close()
+
+
+class _Broker(Broker):
+    """The broker, guarded against a core gap: when a peer closes its connection while the
+    broker is sending to it (e.g. right after its goodbye, with messages still flowing to its
+    subscriptions), ``Broker._writer`` lets ``ConnectionClosed`` escape, which takes the whole
+    broker down. Here the writer simply ends; the reader sees the close and the connection is
+    removed as usual."""
+
+    async def _writer(self, conn: Any) -> None:
+        try:
+            await super()._writer(conn)
+        except trio_websocket.ConnectionClosed:
+            pass
 
 
 def _killpg(pgid: int) -> None:

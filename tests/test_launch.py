@@ -1,0 +1,305 @@
+"""The launcher: peers in-process and as subprocesses, failure policies, shutdown, signals."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from launchhelpers import alive, write_experiment
+from launchpeers import Sleeper, Tick
+
+from peerkit import Peer
+from peerkit.experiment import load_experiment
+from peerkit.launch import Launcher, PeerRecord, current_run_dir
+
+TICK = """
+    [peers.ticker]
+    class = "launchpeers:Ticker"
+    [peers.ticker.local_params]
+    rate = 100
+
+    [peers.counter]
+    class = "launchpeers:Counter"
+    [peers.counter.config_sources]
+    src = "ticker"
+    [peers.counter.launch_dependencies]
+    src = "ticker"
+"""
+
+
+class Run:
+    """A launcher running in a background task."""
+
+    def __init__(self, launcher: Launcher) -> None:
+        self.launcher = launcher
+        self.status: int | None = None
+        self.done = trio.Event()
+        self.output = launcher.out
+
+    @property
+    def peers(self) -> dict[str, PeerRecord]:
+        return self.launcher.peers
+
+    def text(self) -> str:
+        assert isinstance(self.output, io.StringIO)
+        return self.output.getvalue()
+
+    async def _run(self) -> None:
+        self.status = await self.launcher.run()
+        self.done.set()
+
+    async def wait(self, predicate: Callable[[Launcher], bool], timeout: float = 15) -> None:
+        await self.launcher.wait_until(predicate, timeout)
+
+    async def result(self, timeout: float = 15) -> int:
+        with trio.fail_after(timeout):
+            await self.done.wait()
+        assert self.status is not None
+        return self.status
+
+    def pids(self) -> list[int]:
+        return [rec.pid for rec in self.launcher.peers.values() if rec.pid is not None]
+
+
+@asynccontextmanager
+async def launched(tmp_path: Path, text: str, **options: object) -> AsyncIterator[Run]:
+    exp = load_experiment(write_experiment(tmp_path, text))
+    options.setdefault("ready_timeout", 15.0)
+    options.setdefault("grace_period", 5.0)
+    options.setdefault("status_interval", 0.1)
+    launcher = Launcher(
+        exp,
+        run_dir=tmp_path / "run",
+        out=io.StringIO(),
+        view="log",
+        **options,  # type: ignore[arg-type]
+    )
+    run = Run(launcher)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run._run)
+        try:
+            yield run
+        finally:
+            launcher.stop("the test is over")
+            with trio.move_on_after(20):
+                await run.done.wait()
+    for pid in run.pids():
+        assert not alive(pid), f"process {pid} was left behind"
+
+
+@pytest.mark.parametrize("inprocess", [True, False], ids=["inprocess", "subprocess"])
+async def test_launch_runs_peers_and_stops_cleanly(tmp_path: Path, inprocess: bool) -> None:
+    with trio.fail_after(30):
+        async with launched(tmp_path, TICK, inprocess=inprocess) as run:
+            await run.launcher.running.wait()
+            await run.wait(lambda lr: all(r.state == "running" for r in lr.peers.values()))
+            if inprocess:
+                counter = run.peers["counter"].peer
+                await run.wait(lambda lr: counter.count >= 10)  # type: ignore[union-attr]
+                assert run.pids() == []
+            else:
+                pids = run.pids()
+                assert len(pids) == 2 and all(alive(pid) for pid in pids)
+                # the counter receives ticks: the broker counts what it sends to it
+                await run.wait(lambda lr: lr.peers["counter"].rate_in > 10)
+            run.launcher.stop("enough")
+            assert await run.result() == 0
+        text = run.text()
+        assert "all peers ready" in text and "all peers started" in text
+        assert "stopping: enough" in text
+        # reverse dependency order
+        assert text.index("counter: finished") < text.index("ticker: finished")
+        assert all(r.state == "finished" for r in run.peers.values())
+        logs = {p.name for p in (tmp_path / "run").iterdir()}
+        assert {"launcher.log", "ticker.log", "counter.log"} <= logs
+
+
+async def test_duration_ends_the_run(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with launched(tmp_path, TICK, inprocess=True, duration=0.3) as run:
+            assert await run.result() == 0
+        assert "the duration of 0.3 s is over" in run.text()
+
+
+async def test_essential_failure_stops_everything(tmp_path: Path) -> None:
+    text = """
+        [peers.ticker]
+        class = "launchpeers:Ticker"
+        [peers.sleeper]
+        class = "launchpeers:Sleeper"
+        [peers.crasher]
+        class = "launchpeers:Crasher"
+        launch_dependencies = ["ticker"]
+    """
+    with trio.fail_after(30):
+        async with launched(tmp_path, text) as run:
+            assert await run.result() == 1
+            pids = run.pids()
+        assert run.launcher.failure is not None
+        assert "essential peer 'crasher' failed" in run.launcher.failure
+        assert "boom" in run.launcher.failure
+        assert run.peers["crasher"].state == "failed"
+        assert run.peers["sleeper"].state == "finished"
+        assert run.peers["ticker"].state == "finished"
+        assert len(pids) == 3 and not any(alive(pid) for pid in pids)
+        assert "FAILED: essential peer 'crasher' failed" in run.text()
+        assert "exit status 1" in run.text()
+
+
+async def test_non_essential_failure_lets_the_rest_run(tmp_path: Path) -> None:
+    text = (
+        TICK
+        + """
+        [peers.crasher]
+        class = "launchpeers:Crasher"
+        essential = false
+    """
+    )
+    with trio.fail_after(30):
+        async with launched(tmp_path, text) as run:
+            await run.wait(lambda lr: lr.peers["crasher"].failed)
+            assert "boom" in run.peers["crasher"].error
+            await run.launcher.running.wait()
+            # the others still run: ticks keep flowing to a new subscriber
+            assert run.launcher.broker_url is not None
+            async with Peer(run.launcher.broker_url, "observer") as observer:
+                async with observer.subscription(Tick, sender="ticker") as ticks:
+                    await ticks.receive()
+            assert run.peers["ticker"].state == "running"
+            assert run.peers["counter"].state == "running"
+            assert all(alive(run.peers[p].pid or 0) for p in ("ticker", "counter"))
+            run.launcher.stop()
+            assert await run.result() == 0
+        assert "crasher is not essential; the experiment goes on" in run.text()
+
+
+@pytest.mark.parametrize("essential", [True, False])
+async def test_kill_9_of_a_peer_process(tmp_path: Path, essential: bool) -> None:
+    text = f"""
+        [peers.victim]
+        class = "launchpeers:Sleeper"
+        essential = {str(essential).lower()}
+        [peers.witness]
+        class = "launchpeers:Sleeper"
+    """
+    with trio.fail_after(30):
+        async with launched(tmp_path, text) as run:
+            await run.launcher.running.wait()
+            victim = run.peers["victim"]
+            assert victim.pid is not None
+            os.kill(victim.pid, signal.SIGKILL)
+            await run.wait(lambda lr: victim.failed)
+            assert "SIGKILL" in victim.error or "connection lost" in victim.error
+            if essential:
+                assert await run.result() == 1
+                assert run.peers["witness"].state == "finished"
+            else:
+                witness = run.peers["witness"]
+                await run.wait(lambda lr: victim.has_exited)
+                assert witness.state == "running" and alive(witness.pid or 0)
+                assert not run.done.is_set()
+                run.launcher.stop()
+                assert await run.result() == 0
+            pids = run.pids()
+        assert not any(alive(pid) for pid in pids)
+
+
+async def test_ready_timeout_names_the_peers_and_why(tmp_path: Path) -> None:
+    text = """
+        [peers.slow]
+        class = "launchpeers:NeverReady"
+        [peers.waiter]
+        class = "launchpeers:Counter"
+        launch_dependencies = ["slow"]
+    """
+    with trio.fail_after(20):
+        async with launched(tmp_path, text, inprocess=True, ready_timeout=0.5) as run:
+            assert await run.result() == 1
+        failure = run.launcher.failure
+        assert failure is not None
+        assert failure.startswith("not ready within 0.5 s: ")
+        assert "slow (connected): peer 'slow' is registered but not ready yet" in failure
+        assert "waiter (connected): waiter → slow: " in failure
+
+
+async def test_a_peer_that_ignores_the_stop_is_killed(tmp_path: Path) -> None:
+    text = """
+        [peers.stubborn]
+        class = "launchpeers:Stubborn"
+        essential = false
+        [peers.sleeper]
+        class = "launchpeers:Sleeper"
+    """
+    with trio.fail_after(30):
+        async with launched(tmp_path, text, grace_period=0.5) as run:
+            await run.launcher.running.wait()
+            pids = run.pids()
+            run.launcher.stop()
+            assert await run.result() == 0
+        assert run.peers["stubborn"].state == "killed"
+        assert "stubborn: still running after 0.5 s, killing it" in run.text()
+        assert not any(alive(pid) for pid in pids)
+
+
+async def test_peers_see_the_run_directory_in_both_modes(tmp_path: Path) -> None:
+    text = """
+        [peers.here]
+        class = "launchpeers:Sleeper"
+        mode = "inprocess"
+        [peers.there]
+        class = "launchpeers:Sleeper"
+    """
+    with trio.fail_after(20):
+        async with launched(tmp_path, text) as run:
+            await run.launcher.running.wait()
+            here = run.peers["here"]
+            assert here.pid is None and run.peers["there"].pid is not None
+            assert isinstance(here.peer, Sleeper) and here.peer.run_dir == tmp_path / "run"
+    assert f"there: run directory {tmp_path / 'run'}" in (tmp_path / "run/there.log").read_text()
+    # the in-process peer's log lines go to its own file, not the launcher's
+    assert f"here: run directory {tmp_path / 'run'}" in (tmp_path / "run/here.log").read_text()
+    assert "here: run directory" not in (tmp_path / "run/launcher.log").read_text()
+    assert current_run_dir() is None
+
+
+async def test_sigint_to_the_launcher_stops_cleanly(tmp_path: Path) -> None:
+    path = write_experiment(tmp_path, TICK)
+    cmd = [sys.executable, "-m", "peerkit", "launch", str(path), "--view", "log"]
+    cmd += ["--run-dir", str(tmp_path / "run")]
+    with trio.fail_after(30):
+        process = await trio.lowlevel.open_process(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path
+        )
+        assert process.stdout is not None
+        output = b""
+        pids: list[int] = []
+        try:
+            while b"all peers started" not in output:
+                chunk = await process.stdout.receive_some()
+                assert chunk, output.decode()
+                output += chunk
+            pids = [int(p) for p in re.findall(rb"started process (\d+)", output)]
+            assert len(pids) == 2 and all(alive(pid) for pid in pids)
+            process.send_signal(signal.SIGINT)
+            async for chunk in process.stdout:
+                output += chunk
+            assert await process.wait() == 0, output.decode()
+        finally:
+            if process.returncode is None:  # the test failed: leave nothing behind
+                process.kill()
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                await process.wait()
+    text = output.decode()
+    assert "stopping: SIGINT received" in text
+    assert "exit status 0" in text
+    assert not any(alive(pid) for pid in pids)
