@@ -738,10 +738,8 @@ class _Broker(Broker):
     removed as usual."""
 
     async def _writer(self, conn: Any) -> None:
-        try:
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
             await super()._writer(conn)
-        except trio_websocket.ConnectionClosed:
-            pass
 
 
 def _killpg(pgid: int) -> None:

@@ -171,9 +171,11 @@ async def test_non_essential_failure_lets_the_rest_run(tmp_path: Path) -> None:
             await run.launcher.running.wait()
             # the others still run: ticks keep flowing to a new subscriber
             assert run.launcher.broker_url is not None
-            async with Peer(run.launcher.broker_url, "observer") as observer:
-                async with observer.subscription(Tick, sender="ticker") as ticks:
-                    await ticks.receive()
+            async with (
+                Peer(run.launcher.broker_url, "observer") as observer,
+                observer.subscription(Tick, sender="ticker") as ticks,
+            ):
+                await ticks.receive()
             assert run.peers["ticker"].state == "running"
             assert run.peers["counter"].state == "running"
             assert all(alive(run.peers[p].pid or 0) for p in ("ticker", "counter"))
