@@ -278,7 +278,6 @@ def _parse_peer(
     if not isinstance(table, dict):
         problems.append(f"{where} must be a table ([{where}]), got {table!r}")
         return None
-    start = len(problems)
     if not _ID_RE.fullmatch(peer_id) or len(peer_id) > 200:
         problems.append(
             f"{where}: invalid peer id {peer_id!r}; use letters, digits, '_', '-' and '.', "
@@ -287,6 +286,7 @@ def _parse_peer(
     elif peer_id in RESERVED_IDS:
         problems.append(f"{where}: the peer id {peer_id!r} is reserved for the launcher")
     _unknown_keys(table, _PEER_KEYS, f"{where}.", problems)
+    start = len(problems)  # problems from here on leave no usable spec
 
     class_path = table.get("class")
     peer_class: type[Peer] | None = None
