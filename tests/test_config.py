@@ -10,7 +10,6 @@ import pytest
 import trio
 
 from peerkit import Broker, ConfigServer, ConfiguredPeer, Peer, param
-from peerkit.config import ConfigTimeout, DependencyLost
 from peerkit.config_messages import (
     ConfigParams,
     ConfigParamsRequest,
@@ -20,6 +19,7 @@ from peerkit.config_messages import (
     PeerSetParamQuery,
     RegisterPeerConfig,
 )
+from peerkit.config_server import ConfigTimeout, DependencyLost
 from peerkit.messages import ErrorMsg, OkMsg, PanickMsg, PeerReady
 from peerkit.params import ConfigError, ParamTypeError, UnknownParamError, parse_overrides
 

@@ -48,7 +48,7 @@ class Base:
 class Child(Base):
     rate: int = param(512)
     extra = param(3)  # type inferred from the default
-    gain = 2.0  # type: ignore[assignment]  # a plain attribute hides the parameter
+    gain = 2.0  # a plain attribute hides the parameter
 
 
 def decls() -> dict[str, Any]:
@@ -107,7 +107,7 @@ def test_bad_declarations() -> None:
         declared_params(Unsupported)
 
     class BadDefault:
-        x: int = param("abc")
+        x: int = param("abc")  # type: ignore[assignment]
 
     with pytest.raises(ParamTypeError, match=r"'x' \(default of .*BadDefault\).*expected int"):
         declared_params(BadDefault)
