@@ -242,6 +242,8 @@ class Launcher:
                     self._fail(f"{type(exc).__name__}: {exc}")
                 finally:
                     self._kill_process_groups()
+                    self._phase = "stopped"
+                    self._render()
                     self.view.close()
         finally:
             _run_dir_var.reset(token)
@@ -628,8 +630,11 @@ class Launcher:
                 if not rec.stopping:
                     self._event(f"{rec.peer_id}: {new}")
         self._notify()  # waiters re-check at every look, changed or not
+        self._render()
+
+    def _render(self) -> None:
         title = f"{self.experiment.name}: {self._phase}  broker {self.broker_url}"
-        self.view.update(now - self._t0, title, self.rows())
+        self.view.update(self._elapsed(), title, self.rows())
 
     def rows(self) -> list[PeerRow]:
         """The status table's rows."""
