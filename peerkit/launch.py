@@ -238,8 +238,8 @@ class Launcher:
                 log.info("launching %s", self.experiment.path or self.experiment.name)
                 try:
                     await self._run()
-                except (PeerkitError, OSError) as exc:
-                    self._fail(f"{type(exc).__name__}: {exc}")
+                except* (PeerkitError, OSError) as group:
+                    self._fail("; ".join(f"{type(e).__name__}: {e}" for e in _leaves(group)))
                 finally:
                     self._kill_process_groups()
                     self._phase = "stopped"
@@ -499,6 +499,10 @@ class Launcher:
 
     async def _stop_peer(self, rec: PeerRecord) -> None:
         rec.stopping = True
+        if rec.state == "pending":  # never started
+            rec.state = "not started"
+            rec.exited.set()
+            return
         if rec.process is not None:
             with contextlib.suppress(ProcessLookupError):
                 rec.process.send_signal(signal.SIGTERM)
@@ -745,6 +749,13 @@ class _Broker(Broker):
     async def _writer(self, conn: Any) -> None:
         with contextlib.suppress(trio_websocket.ConnectionClosed):
             await super()._writer(conn)
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def _killpg(pgid: int) -> None:

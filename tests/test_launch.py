@@ -305,3 +305,17 @@ async def test_sigint_to_the_launcher_stops_cleanly(tmp_path: Path) -> None:
     assert "stopping: SIGINT received" in text
     assert "exit status 0" in text
     assert not any(alive(pid) for pid in pids)
+
+
+async def test_a_broker_that_cannot_listen_is_a_clear_failure(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        taken = trio.socket.socket()
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        text = f'[broker]\nport = {port}\n[peers.a]\nclass = "launchpeers:Sleeper"\n'
+        with taken:
+            async with launched(tmp_path, text) as run:
+                assert await run.result() == 1
+    assert run.launcher.failure is not None and "OSError" in run.launcher.failure
+    assert run.peers["a"].state == "pending" and run.pids() == []
