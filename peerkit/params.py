@@ -36,6 +36,8 @@ OBCI). Nothing here does I/O except reading the config files named by the caller
 
 from __future__ import annotations
 
+import inspect
+import sys
 import tomllib
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -156,6 +158,31 @@ class ParamDecl:
 _DECLS_ATTR = "__peerkit_params__"
 
 
+def _annotation(cls: type, name: str) -> Any:
+    """The annotation of ``name`` nearest in ``cls``'s MRO, evaluated (MISSING if none).
+
+    Only the parameters' annotations are evaluated, each in its own class's module, so other
+    annotations (e.g. names imported only for type checking) never matter.
+    """
+    for klass in cls.__mro__:
+        annotations = inspect.get_annotations(klass)
+        if name not in annotations:
+            continue
+        tp = annotations[name]
+        if isinstance(tp, str):
+            module = sys.modules.get(klass.__module__)
+            globalns = dict(vars(module)) if module is not None else {}
+            try:
+                tp = eval(tp, globalns, dict(vars(klass)))
+            except Exception as exc:
+                raise ConfigError(
+                    f"cannot evaluate the annotation {annotations[name]!r} of parameter "
+                    f"{klass.__qualname__}.{name}: {exc}; use a type importable at module level"
+                ) from None
+        return tp
+    return MISSING
+
+
 def declared_params(cls: type) -> dict[str, ParamDecl]:
     """The parameters declared on ``cls`` and its bases (cached per class).
 
@@ -172,15 +199,9 @@ def declared_params(cls: type) -> dict[str, ParamDecl]:
                 descriptors[name] = value
             elif name in descriptors:
                 del descriptors[name]  # overridden by a plain attribute
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception as exc:
-        raise ConfigError(
-            f"cannot resolve the parameter annotations of {cls.__qualname__}: {exc}"
-        ) from exc
     decls: dict[str, ParamDecl] = {}
     for name, desc in descriptors.items():
-        tp = hints.get(name, MISSING)
+        tp = _annotation(cls, name)
         if tp is MISSING:
             if desc.default is MISSING or desc.default is None:
                 raise ConfigError(

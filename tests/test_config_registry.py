@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from peerkit.config_registry import ConfigRegistry
 from peerkit.params import MISSING, ConfigError, UnknownParamError
@@ -94,3 +96,56 @@ def test_register_replaces_and_clears_gone() -> None:
         reg.register("b", {"x": 1}, {"x": ("a", "x")})
     with pytest.raises(ConfigError, match="not registered"):
         reg.mark_ready("nobody")
+
+
+PEERS = ["p0", "p1", "p2", "p3"]
+NAMES = ["a", "b", "c"]
+
+
+@st.composite
+def registries(draw: st.DrawFn) -> ConfigRegistry:
+    reg = ConfigRegistry()
+    for pid in draw(st.lists(st.sampled_from(PEERS), unique=True, min_size=1)):
+        params: dict[str, int] = {}
+        external: dict[str, tuple[str, str]] = {}
+        for name in NAMES:
+            kind = draw(st.sampled_from(["local", "external", "none"]))
+            if kind == "local":
+                params[name] = draw(st.integers(0, 3))
+            elif kind == "external":
+                external[name] = (draw(st.sampled_from(PEERS)), draw(st.sampled_from(NAMES)))
+        reg.register(pid, params, external)
+    return reg
+
+
+def all_values(reg: ConfigRegistry) -> dict[tuple[str, str], object]:
+    return {(p, n): reg.resolve(p, n)[0] for p in PEERS for n in NAMES}
+
+
+@given(registries(), st.data())
+def test_update_reports_exactly_the_changed_resolutions(
+    reg: ConfigRegistry, data: st.DataObject
+) -> None:
+    owners = [p for p, e in reg.peers.items() if e.params]
+    if not owners:
+        return
+    owner = data.draw(st.sampled_from(owners))
+    name = data.draw(st.sampled_from(sorted(reg.peers[owner].params)))
+    value = data.draw(st.integers(0, 3))
+    before = all_values(reg)
+    changes = reg.update_params(owner, {name: value})
+    after = all_values(reg)
+    reported = {(p, n) for p, params in changes.items() for n in params}
+    changed = {k for k in before if before[k] != after[k] or type(before[k]) is not type(after[k])}
+    assert changed <= reported
+    for p, params in changes.items():
+        for n, v in params.items():
+            assert after[(p, n)] == v  # every reported value is what resolving gives now
+
+
+@given(registries())
+def test_resolve_always_terminates_with_a_value_or_a_reason(reg: ConfigRegistry) -> None:
+    for p in PEERS:
+        for n in NAMES:
+            value, why = reg.resolve(p, n)
+            assert (value is MISSING) == bool(why)

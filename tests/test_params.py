@@ -459,3 +459,18 @@ def test_merge_overrides() -> None:
         "launch_dependencies": {"p": "p", "q": "q2"},
         "autostart": False,
     }
+
+
+def test_only_parameter_annotations_are_evaluated() -> None:
+    class WithForwardRefs:
+        __annotations__ = {"other": "NotDefinedAnywhere", "x": "list[int]", "y": "Undefined"}
+        x = param([1])
+
+    assert declared_params(WithForwardRefs)["x"].type == list[int]
+
+    class BadRef:
+        __annotations__ = {"y": "Undefined"}
+        y = param(1)
+
+    with pytest.raises(ConfigError, match="cannot evaluate the annotation 'Undefined'"):
+        declared_params(BadRef)
