@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -319,3 +320,20 @@ async def test_a_broker_that_cannot_listen_is_a_clear_failure(tmp_path: Path) ->
                 assert await run.result() == 1
     assert run.launcher.failure is not None and "OSError" in run.launcher.failure
     assert run.peers["a"].state == "pending" and run.pids() == []
+
+
+@pytest.mark.parametrize("inprocess", [True, False], ids=["inprocess", "subprocess"])
+async def test_the_demo_records_without_gaps(tmp_path: Path, inprocess: bool) -> None:
+    demo = load_experiment(Path(__file__).parent.parent / "examples" / "demo.toml")
+    launcher = Launcher(
+        demo, duration=1.0, inprocess=inprocess, run_dir=tmp_path, out=io.StringIO(), view="log"
+    )
+    with trio.fail_after(30):
+        assert await launcher.run() == 0
+    report = json.loads((tmp_path / "recording.json").read_text())
+    assert report["gaps"] == 0 and report["lost_chunks"] == 0
+    assert report["first_seq"] == 0 and report["channel_count"] == 32
+    assert report["sampling_rate"] == 512  # external parameter, through the filter
+    assert report["samples"] >= 256
+    assert (tmp_path / "recording.f32").stat().st_size == report["samples"] * 32 * 4
+    assert "0 gaps (0 chunks lost)" in (tmp_path / "recorder.log").read_text()
