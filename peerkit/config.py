@@ -48,7 +48,13 @@ from .config_messages import (
 )
 from .config_server import DEFAULT_CONFIG_SERVER_ID, ConfigTimeout, DependencyLost
 from .config_server import ConfigServer as ConfigServer  # re-exported
-from .errors import HandlerGoneError, NoHandlerError, PeerkitError, QueryAnswerUnknown
+from .errors import (
+    HandlerGoneError,
+    NoHandlerError,
+    PeerkitError,
+    QueryAnswerUnknown,
+    ShuttingDownException,
+)
 from .messages import ErrorMsg, Message, OkMsg, PeerReady
 from .params import (
     MISSING,
@@ -419,6 +425,14 @@ class ConfiguredPeer(Peer):
         return not reply.missing
 
     async def _become_ready(self) -> None:
+        try:
+            await self._gate_and_announce()
+        except ShuttingDownException:
+            if not self.is_shutting_down:
+                raise
+            # shutdown began meanwhile (e.g. SIGTERM right as we became ready): not an error
+
+    async def _gate_and_announce(self) -> None:
         cs = self.config_server
         await self.subscribe_for_specific_msg_subtype(
             ConfigServerReady, cs, self._on_config_server_ready

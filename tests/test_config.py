@@ -486,3 +486,15 @@ async def test_config_server_restart_while_a_peer_waits(
             async with Amp(broker.url, "amp"):
                 await cs2.wait_until_ready(["amp", "filter"], 5)
         await cs2.async_shutdown()
+
+
+@pytest.mark.parametrize("attempt", range(3))
+async def test_shutdown_right_as_the_peer_becomes_ready_is_clean(
+    broker: Broker, config_server: ConfigServer, nursery: trio.Nursery, attempt: int
+) -> None:
+    with trio.fail_after(10):
+        amp = Amp(broker.url, "amp")
+        await nursery.start(amp.run)
+        await config_server.wait_for(lambda r: r.is_ready("amp"), 5)
+        await amp.async_shutdown()
+        assert amp.is_finished and amp.error is None
