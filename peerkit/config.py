@@ -14,9 +14,10 @@ from defaults, TOML config files, constructor arguments and command-line overrid
 4. calls ``_dependencies_are_ready()`` and ``_connections_established()``, tells the config
    server and publishes :class:`~peerkit.messages.PeerReady`.
 
-All of it is bounded by ``config_timeout`` seconds; the :class:`ConfigTimeout` error says
-which sources, parameters or dependency chains (cycles too) were missing. A launch
-dependency that leaves or dies meanwhile fails the wait at once with :class:`DependencyLost`.
+All of it is bounded by ``config_timeout`` seconds; the
+:class:`~peerkit.config_server.ConfigTimeout` error says which sources, parameters or
+dependency chains (cycles too) were missing. A launch dependency that leaves or dies meanwhile
+fails the wait at once with :class:`~peerkit.config_server.DependencyLost`.
 
 The config server itself lives in :mod:`peerkit.config_server` (re-exported here), with its
 introspection query ``ConfigSnapshotQuery`` → ``ConfigSnapshot``.
@@ -185,9 +186,10 @@ class ConfiguredPeer(Peer):
         return name in self._config.decls
 
     def get_param(self, name: str) -> Any:
-        """The current value of parameter ``name`` (:class:`UnknownParamError` if undeclared).
+        """The current value of parameter ``name``.
 
-        An external parameter without a default has no value before the peer is ready.
+        :class:`~peerkit.paramtypes.UnknownParamError` if it is not declared. An external
+        parameter without a default has no value before the peer is ready.
         """
         self._decl(name)
         value = self._config.values[name]

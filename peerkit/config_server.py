@@ -110,7 +110,7 @@ class ConfigServer(Peer):
     async def wait_for(self, predicate: Callable[[ConfigRegistry], bool], timeout: float) -> None:
         """Wait until ``predicate(self.registry)`` holds; it is re-checked after every
         registration, readiness, departure and parameter change (no polling).
-        :class:`ConfigTimeout` after ``timeout`` seconds."""
+        :class:`~peerkit.config_server.ConfigTimeout` after ``timeout`` seconds."""
         with trio.move_on_after(timeout) as scope:
             while not predicate(self.registry):
                 await self._changed.park()
@@ -120,8 +120,9 @@ class ConfigServer(Peer):
     async def wait_until_ready(self, peer_ids: Iterable[str], timeout: float) -> None:
         """Wait until every peer of ``peer_ids`` is registered and ready.
 
-        :class:`ConfigTimeout` (naming what is missing) after ``timeout`` seconds;
-        :class:`DependencyLost` as soon as one of them leaves or dies.
+        :class:`~peerkit.config_server.ConfigTimeout` (naming what is missing) after
+        ``timeout`` seconds; :class:`~peerkit.config_server.DependencyLost` as soon as one of
+        them leaves or dies.
         """
         ids = list(peer_ids)
         with trio.move_on_after(timeout) as scope:

@@ -363,7 +363,8 @@ class PeerConfig:
 
     peer_id: str
     decls: dict[str, ParamDecl]
-    #: current values of the parameters (external ones: default or MISSING until resolved)
+    #: the current value of each parameter (an external one keeps its default, or MISSING,
+    #: until it is resolved)
     values: dict[str, Any]
     #: where each value came from (for error messages)
     sources: dict[str, str]

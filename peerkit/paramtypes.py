@@ -41,7 +41,7 @@ class UnknownParamError(ConfigError, LookupError):
 
 
 class OverrideError(ConfigError):
-    """Bad command-line overrides (see :func:`parse_overrides`)."""
+    """Bad command-line overrides (see :func:`~peerkit.params.parse_overrides`)."""
 
 
 _SCALARS = (int, float, str, bool)
