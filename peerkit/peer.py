@@ -362,6 +362,10 @@ class Peer(StateMachine):
     async def _guarded(self, async_fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         try:
             await async_fn(*args)
+        except ShuttingDownException:
+            if not self.is_shutting_down:
+                raise  # not ours: a bug somewhere, let it be seen
+            # the task raced the shutdown (e.g. sent a message as it began): not an error
         except Exception as exc:
             self._fail(exc)
 

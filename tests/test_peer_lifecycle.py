@@ -312,3 +312,16 @@ async def test_shutdown_before_run_finishes_at_once() -> None:
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.CRITICAL, logger="peerkit")
+
+
+class LateSender(Peer):
+    async def _shutting_down(self) -> None:
+        await self.send_message(Note(text="too late"))  # refused: shutdown has begun
+
+
+async def test_refusal_after_shutdown_began_is_not_an_error(broker: Broker) -> None:
+    """Code that races the shutdown gets ShuttingDownException; the peer ends cleanly."""
+    with trio.fail_after(10):
+        async with LateSender(broker.url, "late") as peer:
+            pass
+        assert peer.is_finished and peer.error is None
