@@ -180,6 +180,9 @@ class Recorder(ConfiguredPeer):
         await self.subscribe_for_specific_msg_subtype(SignalChunk, source, self._on_chunk)
 
     async def _on_chunk(self, chunk: SignalChunk) -> None:
+        assert self._file is not None
+        # written first: a chunk cut off by the shutdown is neither in the file nor counted
+        await self._file.write(chunk.samples)
         if self.last_seq is None:
             self.first_seq = chunk.seq
         elif chunk.seq != self.last_seq + 1:
@@ -190,8 +193,6 @@ class Recorder(ConfiguredPeer):
         self.chunks += 1
         self.channel_count = chunk.channel_count
         self.samples += len(chunk.samples) // (4 * chunk.channel_count)
-        assert self._file is not None
-        await self._file.write(chunk.samples)
 
     async def _shutting_down(self) -> None:
         if self._file is not None:
