@@ -19,3 +19,7 @@ def batch_limit(max_message_size: int) -> int:
 #: A writer puts at most this many envelopes in one frame, so that one burst cannot fill a
 #: receiver's queue (the broker's default queue holds ten such frames).
 MAX_BATCH = 1024
+
+#: Bytes read from the socket at a time: batched frames are large, and trio-websocket's
+#: 4 KiB default made one frame cost dozens of reads and parser passes.
+RECEIVE_BUFFER = 256 * 1024

@@ -24,7 +24,7 @@ import trio_websocket
 
 from . import codec
 from ._util import raise_single
-from ._wsconf import MAX_BATCH, batch_limit, ws_max_frame
+from ._wsconf import MAX_BATCH, RECEIVE_BUFFER, batch_limit, ws_max_frame
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, Envelope, control, pack_envelope
 from .errors import (
     BrokerRequestError,
@@ -70,6 +70,7 @@ class _Conn:
         "dropped_total",
         "goodbye",
         "last_seen",
+        "last_sent",
         "limit",
         "msgs_in",
         "msgs_out",
@@ -91,6 +92,7 @@ class _Conn:
         self.dropped_total = 0
         self.goodbye: BrokerGoodbyeMsg | None = None
         self.last_seen = trio.current_time()
+        self.last_sent = self.last_seen
         self.scope = trio.CancelScope()
         self.msgs_in = 0
         self.msgs_out = 0
@@ -497,6 +499,7 @@ class Broker:
                     size += len(item)
                 conn.msgs_out += len(parts)
                 await ws.send_message(b"".join(parts))
+                conn.last_sent = trio.current_time()
 
     # ------------------------------------------------------------------ reader
     async def _reader(self, conn: _Conn) -> None:
@@ -683,8 +686,8 @@ class Broker:
             for conn in list(self._conns.values()):
                 if now - conn.last_seen >= self.heartbeat_timeout:
                     conn.scope.cancel(reason="missed heartbeats")
-                elif not conn.out:
-                    conn.push(beat)
+                elif not conn.out and now - conn.last_sent >= self.heartbeat_interval * 0.9:
+                    conn.push(beat)  # only to peers that heard nothing else lately
 
 
 def _pending_repr(pq: PendingQuery) -> str:  # pragma: no cover - debugging aid
@@ -709,6 +712,7 @@ async def _serve(
         ssl_context,
         max_message_size=max_frame,
         message_queue_size=4,
+        receive_buffer_size=RECEIVE_BUFFER,
         connect_timeout=handshake_timeout,
         disconnect_timeout=grace,
         task_status=task_status,

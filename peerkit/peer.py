@@ -20,7 +20,7 @@ import trio_websocket
 
 from . import codec
 from ._util import raise_single
-from ._wsconf import MAX_BATCH, batch_limit
+from ._wsconf import MAX_BATCH, RECEIVE_BUFFER, batch_limit
 from .codec import Envelope, control, pack_envelope
 from .errors import (
     BrokerConnectError,
@@ -280,6 +280,7 @@ class Peer(StateMachine):
         }
         self._inbox: collections.deque[tuple[str, str, bytes]] = collections.deque()
         self._inbox_ready = trio.Event()
+        self._local_drops = 0
         self._query_send, self._query_recv = trio.open_memory_channel[Envelope](
             max_concurrent_queries * 4
         )
@@ -306,7 +307,13 @@ class Peer(StateMachine):
 
     def _messages_dropped(self, count: int) -> None:
         """Called when ``count`` messages meant for this peer were lost (queue overflow)."""
-        log.warning("peer %r lost %d messages (receive queue overflow)", self.peer_id, count)
+        log.warning(
+            "peer %r lost %d messages: it receives faster than its handlers run "
+            "(total %d, see peer.dropped_messages)",
+            self.peer_id,
+            count,
+            self.dropped_messages,
+        )
 
     async def _become_ready(self) -> None:
         """Everything between connected and ready; subclasses extend it (ConfiguredPeer)."""
@@ -626,6 +633,7 @@ class Peer(StateMachine):
             resource,
             max_message_size=_PEER_WS_MAX_FRAME,
             message_queue_size=4,
+            receive_buffer_size=RECEIVE_BUFFER,
         )
 
     async def _connect(self, nursery: trio.Nursery) -> None:
@@ -756,6 +764,9 @@ class Peer(StateMachine):
                     self._handle(env)
             except DecodeError as exc:
                 log.error("peer %r: bad frame from the broker: %s", self.peer_id, exc)
+            if self._local_drops:
+                count, self._local_drops = self._local_drops, 0
+                self._messages_dropped(count)
 
     def _handle(self, env: Envelope) -> None:
         kind = env.kind
@@ -815,7 +826,7 @@ class Peer(StateMachine):
         """Queue an incoming message for the handlers; drop and count when full."""
         if len(self._inbox) >= self.receive_queue_size:
             self.dropped_messages += 1
-            self._messages_dropped(1)
+            self._local_drops += 1  # reported once per frame by the reader
             return
         self._inbox.append(item)
         self._inbox_ready.set()
@@ -857,7 +868,7 @@ class Peer(StateMachine):
                     self._drop_sub(sub)
             else:
                 result = sub.handler(msg)  # type: ignore[misc]
-                if inspect.isawaitable(result):
+                if result is not None and inspect.isawaitable(result):
                     await result
 
     # ============================================================= pub/sub
