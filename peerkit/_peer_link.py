@@ -1,0 +1,296 @@
+"""The peer's side of the broker connection: connect and handshake, the batching writer,
+the reader, heartbeats and request/answer round trips (internal)."""
+
+from __future__ import annotations
+
+import ssl
+import urllib.parse
+
+import trio
+import trio_websocket
+
+from . import codec
+from ._peer_base import (
+    _DROPPED_TYPE,
+    _PEER_WS_MAX_FRAME,
+    _PUB,
+    PeerBase,
+    _Pending,
+    log,
+)
+from ._wsconf import MAX_BATCH, RECEIVE_BUFFER, batch_limit
+from .codec import Envelope, control, pack_envelope
+from .errors import (
+    BrokerConnectError,
+    BrokerLostError,
+    BrokerRequestError,
+    DecodeError,
+    DuplicatePeerId,
+    HandlerAlreadyRegistered,
+    HandshakeRejected,
+    QueryTimeout,
+)
+from .messages import MessagesDropped
+from .protocol import PROTOCOL_VERSION, Hello, Kind, Reject, RequestFailed, Welcome
+
+
+class PeerLink(PeerBase):
+    """Moves envelopes between the peer and its broker."""
+
+    def _query_error(self, env: Envelope, code: str, detail: str) -> None:
+        raise NotImplementedError  # pragma: no cover - PeerMessaging provides it
+
+    async def _open_websocket(self, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection:
+        url = urllib.parse.urlsplit(self.broker_url)
+        host = url.hostname or "127.0.0.1"
+        port = url.port or (443 if url.scheme == "wss" else 80)
+        tcp = await trio.open_tcp_stream(host, port)
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
+        if url.scheme == "wss":
+            context = self.ssl_context or ssl.create_default_context()
+            tls = trio.SSLStream(tcp, context, server_hostname=host, https_compatible=True)
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                await trio.aclose_forcefully(tcp)
+                raise BrokerConnectError(
+                    f"TLS handshake with the broker at {self.broker_url} failed: "
+                    f"{exc.__cause__ or exc}; pass an ssl_context that trusts the broker's "
+                    "certificate"
+                ) from exc
+            stream = tls
+        resource = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        return await trio_websocket.wrap_client_stream(
+            nursery,
+            stream,
+            url.netloc,
+            resource,
+            max_message_size=_PEER_WS_MAX_FRAME,
+            message_queue_size=4,
+            receive_buffer_size=RECEIVE_BUFFER,
+        )
+
+    async def _connect(self, nursery: trio.Nursery) -> None:
+        deadline = trio.current_time() + self.connect_timeout
+        delay = 0.05
+        with trio.move_on_at(deadline) as scope:
+            while True:
+                try:
+                    ws = await self._open_websocket(nursery)
+                    break
+                except (OSError, trio_websocket.HandshakeError) as exc:
+                    if isinstance(exc, trio_websocket.ConnectionRejected):
+                        raise BrokerConnectError(
+                            f"the server at {self.broker_url} refused the WebSocket connection "
+                            f"(HTTP {exc.status_code}); is it a peerkit broker?"
+                        ) from exc
+                    log.debug("broker at %s not reachable yet: %s", self.broker_url, exc)
+                    last_error: BaseException = exc
+                await trio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            self._ws = ws
+            hello = Hello(
+                peer_id=self.peer_id, protocol_version=PROTOCOL_VERSION, token=self.token or ""
+            )
+            try:
+                await ws.send_message(control(Kind.HELLO, hello))
+                frame = await ws.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                raise BrokerConnectError(
+                    f"the broker at {self.broker_url} closed the connection during the "
+                    f"handshake: {exc.reason}"
+                ) from None
+            envs = list(codec.iter_envelopes(frame))  # type: ignore[arg-type]
+            if not envs:
+                raise BrokerConnectError("empty handshake answer from the broker")
+            first = envs[0]
+            if first.kind == Kind.REJECT:
+                reject = codec.decode_body(Reject, first.body)
+                assert isinstance(reject, Reject)
+                cls = DuplicatePeerId if reject.reason == "duplicate_id" else HandshakeRejected
+                raise cls(reject.reason, f"the broker rejected {self.peer_id!r}: {reject.detail}")
+            if first.kind != Kind.WELCOME:
+                raise BrokerConnectError(f"unexpected handshake answer {Kind(first.kind).name}")
+            welcome = codec.decode_body(Welcome, first.body)
+            assert isinstance(welcome, Welcome)
+            self._welcome = welcome
+            self._max_message_size = welcome.max_message_size
+            for env in envs[1:]:
+                self._handle(env)
+            return
+        if scope.cancelled_caught:
+            detail = f": {last_error}" if "last_error" in locals() else ""
+            raise BrokerConnectError(
+                f"could not connect to the broker at {self.broker_url} within "
+                f"{self.connect_timeout} s{detail}; is it running? (raise connect_timeout "
+                "to wait longer)"
+            )
+
+    def _push(self, data: bytes) -> None:
+        self._out.append(data)
+        self._enqueued += 1
+        self._out_ready.set()
+
+    async def _flush(self) -> None:
+        target = self._enqueued
+        while self._sent < target and self._link_ok:
+            await self._progress.park()
+
+    async def _writer(self) -> None:
+        assert self._ws is not None
+        ws = self._ws
+        out = self._out
+        limit = batch_limit(self._max_message_size)
+        while True:
+            await self._out_ready.wait()
+            self._out_ready = trio.Event()
+            while out:
+                if len(out) == 1:
+                    data = out.popleft()
+                    count = 1
+                else:
+                    parts: list[bytes] = []
+                    size = 0
+                    while out and size < limit and len(parts) < MAX_BATCH:
+                        item = out.popleft()
+                        parts.append(item)
+                        size += len(item)
+                    data = b"".join(parts)
+                    count = len(parts)
+                await ws.send_message(data)
+                self._sent += count
+                self.msgs_out += count
+                self._progress.unpark_all()
+
+    async def _heartbeat(self) -> None:
+        assert self._welcome is not None
+        interval = self._welcome.heartbeat_interval
+        beat = pack_envelope(int(Kind.HEARTBEAT))
+        last = self._enqueued
+        while True:
+            await trio.sleep(interval)
+            if self._enqueued == last:
+                self._push(beat)
+            last = self._enqueued
+
+    async def _reader(self) -> None:
+        assert self._ws is not None and self._welcome is not None
+        ws = self._ws
+        timeout = self._welcome.heartbeat_timeout
+        while True:
+            with trio.move_on_after(timeout) as scope:
+                frame = await ws.get_message()
+            if scope.cancelled_caught:
+                raise BrokerLostError(
+                    f"no word from the broker at {self.broker_url} for {timeout} s"
+                )
+            try:
+                for env in codec.iter_envelopes(frame):  # type: ignore[arg-type]
+                    self._handle(env)
+            except DecodeError as exc:
+                log.error("peer %r: bad frame from the broker: %s", self.peer_id, exc)
+            if self._local_drops:
+                count, self._local_drops = self._local_drops, 0
+                self._messages_dropped(count)
+
+    def _handle(self, env: Envelope) -> None:
+        kind = env.kind
+        if kind == _PUB:
+            self.msgs_in += 1
+            if self.is_shutting_down:
+                return
+            self._deliver((env.type, env.sender, env.body))
+        elif kind in (Kind.ACK, Kind.NACK, Kind.REPLY, Kind.QERR):
+            pending = self._pending.get(env.corr)
+            if pending is not None:
+                pending.envelope = env
+                pending.event.set()
+        elif kind == Kind.QUERY:
+            if self.is_shutting_down:
+                self._query_error(env, "handler_gone", f"peer {self.peer_id!r} is shutting down")
+                return
+            try:
+                self._query_send.send_nowait(env)
+            except trio.WouldBlock:
+                self._query_error(
+                    env,
+                    "busy",
+                    f"peer {self.peer_id!r} has too many queries "
+                    "in progress; raise max_concurrent_queries or retry",
+                )
+        elif kind == Kind.HEARTBEAT:
+            pass
+        elif kind == Kind.DROPPED:
+            try:
+                dropped = codec.decode_body(MessagesDropped, env.body)
+                assert isinstance(dropped, MessagesDropped)
+                count = dropped.count
+            except DecodeError:
+                count = 0
+            self.dropped_messages += count
+            self._messages_dropped(count)
+            if _DROPPED_TYPE in self._subs:
+                self._deliver((_DROPPED_TYPE, "broker", env.body))
+        elif kind == Kind.SHUTDOWN:
+            log.info("peer %r: the broker is shutting down", self.peer_id)
+            self._request_shutdown("the broker is shutting down")
+        elif kind == Kind.ERROR:
+            try:
+                failure = codec.decode_body(RequestFailed, env.body)
+                assert isinstance(failure, RequestFailed)
+                text = f"{failure.code}: {failure.detail}"
+            except DecodeError:
+                text = "(unreadable error)"
+            log.error("peer %r: the broker refused something we sent: %s", self.peer_id, text)
+        else:
+            log.error(
+                "peer %r: unexpected envelope %s from the broker", self.peer_id, Kind(kind).name
+            )
+
+    def _deliver(self, item: tuple[str, str, bytes]) -> None:
+        """Queue an incoming message for the handlers; drop and count when full."""
+        if len(self._inbox) >= self.receive_queue_size:
+            self.dropped_messages += 1
+            self._local_drops += 1  # reported once per frame by the reader
+            return
+        self._inbox.append(item)
+        self._inbox_ready.set()
+
+    async def _request(
+        self, kind: Kind, type_name: str, *, target: str = "", body: bytes = b""
+    ) -> None:
+        env = await self._roundtrip(
+            kind, type_name, target, body, self.request_timeout, what=f"{kind.name} request"
+        )
+        if env.kind == Kind.NACK:
+            failure = codec.decode_body(RequestFailed, env.body)
+            assert isinstance(failure, RequestFailed)
+            cls = (
+                HandlerAlreadyRegistered
+                if failure.code == "already_registered"
+                else BrokerRequestError
+            )
+            raise cls(failure.code, failure.detail)
+
+    async def _roundtrip(
+        self, kind: Kind, type_name: str, target: str, body: bytes, timeout: float, *, what: str
+    ) -> Envelope:
+        corr = self._next_corr
+        self._next_corr += 1
+        pending = _Pending()
+        self._pending[corr] = pending
+        self._push(pack_envelope(int(kind), type_name, "", corr, target, body))
+        try:
+            with trio.move_on_after(timeout):
+                await pending.event.wait()
+        finally:
+            self._pending.pop(corr, None)
+            if pending.envelope is None and kind == Kind.QUERY and self._link_ok:
+                self._push(pack_envelope(int(Kind.QCANCEL), "", "", corr))
+        if pending.error is not None:
+            raise pending.error
+        if pending.envelope is None:
+            if kind == Kind.QUERY:
+                raise QueryTimeout(f"{what}: no answer within {timeout} s")
+            raise BrokerLostError(f"{what}: the broker did not answer within {timeout} s")
+        return pending.envelope
