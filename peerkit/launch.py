@@ -101,8 +101,10 @@ class PeerRecord:
     stopping: bool = False
     killed: bool = False
     exited: trio.Event = attrs.field(factory=trio.Event)
+    #: the peer object (in-process peers) or the process running it
     peer: Peer | None = None
     process: trio.Process | None = None
+    #: cancels an in-process peer's task (its last resort)
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     rate_in: float = 0.0
     rate_out: float = 0.0
@@ -417,7 +419,7 @@ class Launcher:
         except OSError as exc:
             task_status.started()
             self._peer_failed(rec, f"could not start the process: {exc}")
-            rec.exited.set()
+            self._exited(rec)
             return
         rec.process = process
         rec.pid = process.pid
@@ -438,7 +440,7 @@ class Launcher:
                 if code is None:  # cancelled: the launcher itself is going away
                     rec.returncode = process.returncode
                     self._peer_killed(rec, "killed: the launcher was cancelled")
-                    rec.exited.set()
+                    self._exited(rec)
         self._process_exited(rec, code)
 
     def _process_exited(self, rec: PeerRecord, code: int) -> None:
@@ -454,8 +456,7 @@ class Launcher:
         else:
             tail = _tail(rec.log_path, 1)
             self._peer_failed(rec, f"exited with status {code}" + (f": {tail[0]}" if tail else ""))
-        rec.exited.set()
-        self._notify()
+        self._exited(rec)
 
     async def _run_inprocess(
         self, rec: PeerRecord, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -487,8 +488,7 @@ class Launcher:
             self._peer_failed(rec, f"{type(error).__name__}: {error}")
         else:
             self._peer_finished(rec, "finished")
-        rec.exited.set()
-        self._notify()
+        self._exited(rec)
 
     # ------------------------------------------------------------------ stopping
     async def _stop_peers(self) -> None:
@@ -501,7 +501,7 @@ class Launcher:
         rec.stopping = True
         if rec.state == "pending":  # never started
             rec.state = "not started"
-            rec.exited.set()
+            self._exited(rec)
             return
         if rec.process is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -551,8 +551,6 @@ class Launcher:
             return
         rec.state = "finished"
         self._event(f"{rec.peer_id}: finished ({detail})")
-        if all(r.has_exited or r is rec for r in self.peers.values()):
-            self.stop("every peer has finished")
 
     def _peer_killed(self, rec: PeerRecord, detail: str) -> None:
         if not rec.failed:
@@ -572,8 +570,12 @@ class Launcher:
             self._fail(f"essential peer {rec.peer_id!r} failed: {reason}")
         elif not self._stop.is_set():
             self._event(f"{rec.peer_id} is not essential; the experiment goes on")
-            if all(r.has_exited or r is rec for r in self.peers.values()):
-                self.stop("every peer has finished")
+        self._notify()
+
+    def _exited(self, rec: PeerRecord) -> None:
+        rec.exited.set()
+        if all(r.has_exited for r in self.peers.values()):
+            self.stop("every peer has ended")
         self._notify()
 
     def _fail(self, reason: str) -> None:
