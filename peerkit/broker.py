@@ -33,7 +33,7 @@ from .errors import (
     NoHandlerError,
     PeerkitError,
 )
-from .messages import BrokerGoodbyeMsg, BrokerShutdownMsg, MessagesDropped, PanickMsg
+from .messages import BrokerGoodbyeMsg, BrokerShutdownMsg, MessagesDropped, PanickMsg, PeerLeft
 from .protocol import (
     PROTOCOL_VERSION,
     BrokerInfo,
@@ -59,6 +59,7 @@ _RESERVED_IDS = frozenset({BROKER_ID, ""})
 _MAX_ID_LEN = 200
 
 _PANICK_TYPE = PanickMsg.message_type()
+_PEER_LEFT_TYPE = PeerLeft.message_type()
 _PUB = int(Kind.PUB)
 
 
@@ -474,6 +475,11 @@ class Broker:
                     PanickMsg(message=f"peer {conn.peer_id!r} {reason}", error_type="PeerLost")
                 ),
             )
+        self._publish(
+            conn.peer_id,
+            _PEER_LEFT_TYPE,
+            codec.encode_body(PeerLeft(reason=reason, clean=conn.goodbye is not None)),
+        )
         if not self._conns:
             self._all_gone.set()
         if self.on_peer_left is not None:

@@ -44,7 +44,7 @@ from .config_messages import (
     UpdateParams,
 )
 from .config_registry import ConfigRegistry
-from .messages import ErrorMsg, Message, OkMsg, PanickMsg
+from .messages import ErrorMsg, Message, OkMsg, PanickMsg, PeerLeft
 from .paramtypes import ConfigError, UnknownParamError
 from .peer import Peer, query_handler, subscribe
 
@@ -187,6 +187,15 @@ class ConfigServer(Peer):
         if self.registry.unregister(msg.sender, reason):
             log.warning("config server: %r %s", msg.sender, reason)
             await self._publish_status(msg.sender, "died", msg.message)
+
+    @subscribe(PeerLeft)
+    async def _on_peer_left(self, msg: PeerLeft) -> None:
+        # normally the peer unregistered itself first; this catches a peer whose grace
+        # period ran out, and one that left without a word
+        reason = "left" if msg.clean else f"died ({msg.reason})"
+        if self.registry.unregister(msg.sender, reason):
+            log.warning("config server: %r %s without unregistering", msg.sender, reason)
+            await self._publish_status(msg.sender, "left" if msg.clean else "died", msg.reason)
 
     @query_handler(ExternalParamsQuery)
     async def _on_external(self, msg: ExternalParamsQuery) -> Message:

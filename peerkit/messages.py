@@ -32,6 +32,7 @@ __all__ = [
     "OkMsg",
     "PanickMsg",
     "PeerControlMessage",
+    "PeerLeft",
     "PeerReady",
     "get_message_class",
     "message",
@@ -202,6 +203,17 @@ class BrokerShutdownMsg(Message):
     """Sent by the broker to every peer when it shuts down cleanly."""
 
     msg: str = "Shut down all peers."
+
+
+@message
+class PeerLeft(Message):
+    """Published by the broker, on behalf of a peer (``sender``), when it has left.
+
+    ``clean`` is true after a goodbye; ``reason`` says why it left.
+    """
+
+    reason: str
+    clean: bool
 
 
 @message

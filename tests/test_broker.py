@@ -21,7 +21,7 @@ from peerkit import (
     message,
 )
 from peerkit.codec import control, pack_envelope
-from peerkit.messages import MessagesDropped, PanickMsg
+from peerkit.messages import MessagesDropped, PanickMsg, PeerLeft
 from peerkit.protocol import PROTOCOL_VERSION, Hello, Kind, Reject, RequestFailed, Welcome
 
 
@@ -297,3 +297,16 @@ async def test_peer_vanishing_mid_stream_does_not_hurt_the_broker(broker: Broker
             assert "without goodbye" in panic.message
         assert "vanishing" not in broker.peer_ids
         await assert_broker_still_routes(broker)
+
+
+async def test_peer_left_is_published_for_clean_and_unclean_leaves(broker: Broker) -> None:
+    with trio.fail_after(10):
+        async with Peer(broker.url, "watcher") as watcher, watcher.subscription(PeerLeft) as left:
+            async with Peer(broker.url, "polite"):
+                pass
+            async with raw(broker.url, "rude") as ws:
+                await trio.aclose_forcefully(ws._stream)
+            first, second = await left.receive(), await left.receive()
+        assert (first.sender, first.clean, first.reason) == ("polite", True, "goodbye")
+        assert (second.sender, second.clean) == ("rude", False)
+        assert "without goodbye" in second.reason
