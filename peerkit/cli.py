@@ -333,22 +333,21 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     if args.check:
         print(f"{args.file}: ok, start order: {', '.join(experiment.order)}")
         return 0
-    for name in ("duration", "ready_timeout", "grace"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise _UsageError(f"--{name.replace('_', '-')} must be a positive number of seconds")
-    launcher = Launcher(
-        experiment,
-        duration=args.duration,
-        inprocess=args.inprocess,
-        run_dir=args.run_dir,
-        ready_timeout=args.ready_timeout,
-        grace_period=args.grace,
-        view=args.view,
-        handle_signals=True,
-        tail=args.tail,
-        token=os.environ.get("PEERKIT_TOKEN"),
-    )
+    try:
+        launcher = Launcher(
+            experiment,
+            duration=args.duration,
+            inprocess=args.inprocess,
+            run_dir=args.run_dir,
+            ready_timeout=args.ready_timeout,
+            grace_period=args.grace,
+            view=args.view,
+            handle_signals=True,
+            tail=args.tail,
+            token=os.environ.get("PEERKIT_TOKEN"),
+        )
+    except PeerkitError as exc:
+        raise _UsageError(str(exc)) from None
     return trio.run(launcher.run)
 
 

@@ -157,8 +157,13 @@ class Launcher:
         log_level: int | None = logging.INFO,
         python: str = sys.executable,
     ) -> None:
-        if duration is not None and not duration > 0:
-            raise PeerkitError(f"duration must be a positive number of seconds, got {duration!r}")
+        for name, value in (
+            ("duration", duration),
+            ("ready_timeout", ready_timeout),
+            ("grace_period", grace_period),
+        ):
+            if value is not None and not value > 0:
+                raise PeerkitError(f"{name} must be a positive number of seconds, got {value!r}")
         self.experiment = experiment
         self.duration = duration
         self.inprocess = inprocess

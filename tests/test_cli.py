@@ -76,7 +76,7 @@ def test_launch_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["launch", str(demo), "--check"]) == 0
     assert "start order: amplifier, filter, recorder" in capsys.readouterr().out
     assert main(["launch", str(demo), "--duration", "-1"]) == 2
-    assert "--duration must be a positive number" in capsys.readouterr().err
+    assert "duration must be a positive number of seconds, got -1.0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
