@@ -222,7 +222,7 @@ def parse_experiment(
     grace_period = _seconds(launcher, "grace_period", DEFAULT_GRACE_PERIOD, problems)
 
     peers_table = _table(data, "peers", "", problems)
-    if not peers_table and "peers" not in data:
+    if not peers_table:
         problems.append("no peers: add at least one [peers.<peer_id>] table")
     _add_to_sys_path(directory)
     specs: dict[str, PeerSpec] = {}
@@ -231,7 +231,6 @@ def parse_experiment(
         if spec is not None:
             specs[peer_id] = spec
 
-    order: tuple[str, ...] = ()
     ids = set(peers_table)
     for spec in specs.values():
         for dep in spec.dependencies:
@@ -247,16 +246,15 @@ def parse_experiment(
                     "tell the config server when they are ready"
                 )
     _check_external_params(specs, problems)
-    if not problems:
-        deps = {pid: [d for d in s.dependencies if d in specs] for pid, s in specs.items()}
-        try:
-            order = tuple(start_order(deps))
-        except _Cycle as cycle:
-            problems.append(
-                "dependency cycle: "
-                + " -> ".join(cycle.path)
-                + " (launch_dependencies and config_sources must not form a loop)"
-            )
+    deps = {pid: [d for d in s.dependencies if d in specs] for pid, s in specs.items()}
+    try:
+        order = tuple(start_order(deps))
+    except _Cycle as cycle:
+        problems.append(
+            "dependency cycle: "
+            + " -> ".join(cycle.path)
+            + " (launch_dependencies and config_sources must not form a loop)"
+        )
     if problems:
         raise ExperimentError(source, problems)
     return Experiment(

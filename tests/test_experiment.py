@@ -247,10 +247,11 @@ def test_unreadable_files(tmp_path: Path) -> None:
     bad.write_text("[peers.a\n")
     with pytest.raises(ExperimentError, match="not valid TOML"):
         load_experiment(bad)
-    empty = tmp_path / "empty.toml"
-    empty.write_text("")
-    with pytest.raises(ExperimentError, match=r"no peers: add at least one \[peers.<peer_id>\]"):
-        load_experiment(empty)
+    for text in ("", "[peers]\n"):
+        empty = tmp_path / "empty.toml"
+        empty.write_text(text)
+        with pytest.raises(ExperimentError, match=r"no peers: add at least one \[peers.<peer_id>"):
+            load_experiment(empty)
 
 
 def test_start_order_is_stable_and_finds_cycles() -> None:
