@@ -39,7 +39,6 @@ from typing import Any, TextIO
 
 import attrs
 import trio
-import trio_websocket
 
 from ._status import LogView, PeerRow, StatusView, TerminalView
 from .broker import Broker
@@ -264,7 +263,7 @@ class Launcher:
         async with trio.open_nursery() as nursery:
             if self.handle_signals:
                 await nursery.start(self._watch_signals)
-            broker = _Broker(exp.host, exp.port, token=self.token)
+            broker = Broker(exp.host, exp.port, token=self.token)
             await nursery.start(broker.run)
             self._broker = broker
             self.broker_url = broker.url
@@ -744,18 +743,6 @@ class _RunDirHandler(logging.Handler):
             stream.close()
         self._files.clear()
         super().close()
-
-
-class _Broker(Broker):
-    """The broker, guarded against a core gap: when a peer closes its connection while the
-    broker is sending to it (e.g. right after its goodbye, with messages still flowing to its
-    subscriptions), ``Broker._writer`` lets ``ConnectionClosed`` escape, which takes the whole
-    broker down. Here the writer simply ends; the reader sees the close and the connection is
-    removed as usual."""
-
-    async def _writer(self, conn: Any) -> None:
-        with contextlib.suppress(trio_websocket.ConnectionClosed):
-            await super()._writer(conn)
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
