@@ -93,6 +93,14 @@ class StateMachine:
 
     _VALID_STATES_TRANSITIONS_: dict[PeerState, tuple[PeerState, ...]] = VALID_TRANSITIONS
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_state" in vars(cls):
+            raise TypeError(
+                f"{cls.__qualname__} defines `_state`, which is the peer lifecycle's own "
+                "attribute; give yours another name"
+            )
+
     def __init__(self) -> None:
         self.__state = PeerState.initializing
 
@@ -103,9 +111,13 @@ class StateMachine:
     @_state.setter
     def _state(self, new: PeerState) -> None:
         old = self.__state
-        if not isinstance(new, PeerState) or not (
-            old is new or new in self._VALID_STATES_TRANSITIONS_[old]
-        ):
+        if not isinstance(new, PeerState):
+            raise InvalidStateTransition(
+                old,
+                f"{new!r} (not a PeerState: `_state` is the lifecycle's own attribute; "
+                "a subclass must name its attributes otherwise)",
+            )
+        if not (old is new or new in self._VALID_STATES_TRANSITIONS_[old]):
             raise InvalidStateTransition(old, new)
         self.__state = new
         if old is not new:

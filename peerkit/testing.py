@@ -24,7 +24,7 @@ async def wait_for_condition(
     ``autojump_clock``. Prefer waiting on an event when the code offers one.
     """
     with trio.fail_after(timeout):
-        while not condition():
+        while not condition():  # noqa: ASYNC110 - an arbitrary predicate has no event to wait on
             await trio.sleep(interval)
 
 

@@ -325,3 +325,18 @@ async def test_refusal_after_shutdown_began_is_not_an_error(broker: Broker) -> N
         async with LateSender(broker.url, "late") as peer:
             pass
         assert peer.is_finished and peer.error is None
+
+
+def test_subclass_cannot_shadow_the_lifecycle_state() -> None:
+    with pytest.raises(TypeError, match="_state"):
+
+        class Shadow(Peer):
+            _state = "idle"
+
+    class Clobber(Peer):
+        def __init__(self) -> None:
+            super().__init__("ws://127.0.0.1:1", "clobber")
+            self._state = {"filter": "on"}  # type: ignore[assignment]
+
+    with pytest.raises(AssertionError, match="not a PeerState"):
+        Clobber()
