@@ -1,0 +1,276 @@
+"""Review findings on the core runtime (peer lifecycle, messaging, broker).
+
+Each test shows one defect and is marked ``xfail(strict=True)``: it starts passing (and so
+fails the suite) once the defect is fixed, at which point the marker should be removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+import pytest
+import trio
+
+from peerkit import (
+    Broker,
+    Message,
+    Peer,
+    PeerkitError,
+    ShuttingDownException,
+    message,
+)
+from peerkit.errors import InvalidStateTransition
+from peerkit.messages import OkMsg, PeerControlMessage
+from peerkit.peer import query_handler
+
+
+@message
+class ReviewQ(Message):
+    n: int
+
+
+@message
+class ReviewN(Message):
+    n: int
+
+
+class _DeclaresHandler(Peer):
+    @query_handler(ReviewQ)
+    def answer(self, msg: ReviewQ) -> OkMsg:
+        return OkMsg(detail=self.peer_id)
+
+
+class _SlowReady(Peer):
+    async def _connections_established(self) -> None:
+        await trio.sleep(0.5)
+
+
+class _SlowStart(Peer):
+    async def _start(self) -> None:
+        await trio.sleep(0.5)
+
+
+async def _run_quietly(
+    peer: Peer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with contextlib.suppress(PeerkitError):
+        await peer.run(task_status=task_status)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="peer.py:440 an error from _register_declared escapes _live: no _fail, no goodbye, "
+    "the WebSocket is never closed, the broker keeps a zombie peer until heartbeat_timeout",
+)
+async def test_review_startup_failure_leaves_zombie_connection(broker: Broker) -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            first = _DeclaresHandler(broker.url, "first")
+            await n.start(first.run)
+            second = _DeclaresHandler(broker.url, "second")
+            with pytest.raises(PeerkitError):
+                await n.start(second.run)
+            await trio.sleep(0.3)
+            # the failed peer must be gone from the broker: its id is free again
+            assert "second" not in broker.peer_ids, "zombie connection"
+            assert second.error is not None  # run() raised, but peer.error stays None
+            again = Peer(broker.url, "second")
+            await n.start(again.run)  # DuplicatePeerId today
+            await again.async_shutdown()
+            await first.async_shutdown()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="peer.py:391/444 a shutdown requested before task_status.started() makes "
+    "nursery.start(peer.run) raise RuntimeError('child exited without calling started')",
+)
+async def test_review_shutdown_during_startup_is_not_runtimeerror(broker: Broker) -> None:
+    with trio.fail_after(10):
+        peer = Peer(broker.url, "p")
+
+        async def shut_down_soon() -> None:
+            while not peer._run_started:
+                await trio.lowlevel.checkpoint()
+            await peer.async_shutdown()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(shut_down_soon)
+            with contextlib.suppress(ShuttingDownException):
+                await n.start(peer.run)
+        assert peer.is_finished
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="peer.py:311 via _on_control (peer.py:519): PeerControlMessage(start) during "
+    "startup raises PeerkitError in the dispatcher and kills the peer",
+)
+async def test_review_control_start_during_startup_kills_peer(broker: Broker) -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            ctl = Peer(broker.url, "ctl")
+            await n.start(ctl.run)
+            peer = _SlowReady(broker.url, "p", autostart=False)
+            await n.start(_run_quietly, peer)  # started once subscribed, still not ready
+            await ctl.send_message(PeerControlMessage(peer_id="p", action="start"))
+            await trio.sleep(0.2)
+            assert peer.error is None, peer.error
+            await peer.async_shutdown()
+            await ctl.async_shutdown()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="peer.py:529->335->355 a 'stop' control query to an autoshutdown peer cancels the "
+    "query worker before it replies: the asker gets HandlerGoneError, not OkMsg",
+)
+async def test_review_control_stop_query_gets_no_answer(broker: Broker) -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            ctl = Peer(broker.url, "ctl")
+            await n.start(ctl.run)
+            peer = Peer(broker.url, "p")
+            await n.start(peer.run)
+            await peer.wait_for_state(lambda p: p.is_running, 5)
+            reply = await ctl.ask_peer("p", PeerControlMessage(peer_id="p", action="stop"))
+            assert isinstance(reply, OkMsg)
+            await ctl.async_shutdown()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_peer_messaging.py:223 a cancelled register_query_handler forgets the handler "
+    "locally but the REG was already sent: the broker keeps it (others are refused)",
+)
+async def test_review_cancelled_register_leaves_broker_registration(broker: Broker) -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            a = Peer(broker.url, "a")
+            await n.start(a.run)
+            with trio.move_on_after(0):
+                await a.register_query_handler(ReviewQ, lambda m: OkMsg(detail="a"))
+            await trio.sleep(0.2)
+            at_broker = ReviewQ.message_type() in broker.routing.handlers_of("a")
+            locally = ReviewQ.message_type() in a._query_handlers
+            assert at_broker == locally, (at_broker, locally)
+            await a.async_shutdown()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_peer_messaging.py:142 a cancelled subscribe drops the local sub but the SUB was "
+    "already sent: the broker keeps routing that type to the peer",
+)
+async def test_review_cancelled_subscribe_leaves_broker_subscription(broker: Broker) -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            a = Peer(broker.url, "a")
+            await n.start(a.run)
+            with trio.move_on_after(0):
+                await a.subscribe_for_all_msg_subtype(ReviewN, lambda m: None)
+            await trio.sleep(0.2)
+            assert broker.routing.subscriptions_of("a") == ["PeerControlMessage"]
+            await a.async_shutdown()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_peer_messaging.py:139 a second subscribe for the same (type, sender) returns "
+    "before the broker acknowledged the first one (contract: returns once the broker has it)",
+)
+async def test_review_concurrent_subscribe_returns_early(broker: Broker) -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            a = Peer(broker.url, "a")
+            await n.start(a.run)
+            n.start_soon(a.subscribe_for_all_msg_subtype, ReviewN, lambda m: None)
+            await trio.lowlevel.checkpoint()
+            await a.subscribe_for_all_msg_subtype(ReviewN, lambda m: None)
+            assert broker.routing.subscribers(ReviewN.message_type(), "x") == ("a",)
+            await a.async_shutdown()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="broker.py:255/295 Broker.run and Broker.__aenter__ raise an ExceptionGroup "
+    "(e.g. bind failure) instead of the single error",
+)
+async def test_review_broker_bind_failure_is_a_group(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        try:
+            with pytest.raises(OSError):
+                await nursery.start(Broker(port=port).run)
+            with pytest.raises(OSError):
+                async with Broker(port=port):
+                    pass  # pragma: no cover
+        finally:
+            busy.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="peer.py:346-352 + 429 async_shutdown() before run(), then run(): "
+    "InvalidStateTransition finished->connected (and the open WebSocket is leaked)",
+)
+async def test_review_run_after_early_shutdown(broker: Broker) -> None:
+    with trio.fail_after(10):
+        peer = Peer(broker.url, "p")
+        await peer.async_shutdown()
+        with pytest.raises(PeerkitError) as info:
+            async with trio.open_nursery() as n:
+                await n.start(peer.run)
+        assert not isinstance(info.value, InvalidStateTransition)
+        await trio.sleep(0.2)
+        assert "p" not in broker.peer_ids
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="peer.py:326 stop() while start() is inside _start() returns at once: the stop is "
+    "lost and the peer ends up running",
+)
+async def test_review_stop_during_start_is_lost(broker: Broker) -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            peer = _SlowStart(broker.url, "p", autostart=False, autoshutdown=False)
+            await n.start(peer.run)
+            await peer.wait_for_state(lambda p: p.is_ready, 5)
+            n.start_soon(peer.start)
+            await trio.sleep(0.1)
+            await peer.stop()
+            await trio.sleep(1)
+            assert not peer.is_running
+            await peer.async_shutdown()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="broker.py:580-582/470 overflow='disconnect' closes with code 1000 and no reason, "
+    "and publishes PanickMsg 'connection lost without goodbye': nobody learns why",
+)
+async def test_review_overflow_disconnect_is_reported_misleadingly(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        broker = Broker(send_queue_size=2, overflow="disconnect")
+        await nursery.start(broker.run)
+        left: list[tuple[str, str]] = []
+        broker.on_peer_left = lambda pid, reason: left.append((pid, reason))
+        async with trio.open_nursery() as n:
+            pub = Peer(broker.url, "pub")
+            await n.start(pub.run)
+            sub = Peer(broker.url, "sub")
+            n.start_soon(_run_quietly, sub)
+            await sub.wait_for_state(lambda p: p.is_connected, 5)
+            await sub.subscribe_for_all_msg_subtype(ReviewN, lambda m: None)
+            for i in range(50):  # one batched frame overflows a queue of 2
+                await pub.send_message(ReviewN(n=i))
+            await sub.wait_finished()
+            await pub.async_shutdown()
+        await broker.shutdown()
+        assert "overflow" in str(sub.error), sub.error
+        assert any(pid == "sub" and "overflow" in reason for pid, reason in left), left
