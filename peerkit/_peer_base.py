@@ -98,6 +98,7 @@ class PeerBase(StateMachine):
     _pending: dict[int, _Pending]
     _subs: dict[str, list[_Sub]]
     _sub_refs: collections.Counter[tuple[str, str | None]]
+    _sub_acks: dict[tuple[str, str | None], _Pending]
     _query_handlers: dict[str, Handler]
     _builtin_queries: dict[str, Handler]
     _inbox: collections.deque[tuple[str, str, bytes]]

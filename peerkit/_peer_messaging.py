@@ -11,10 +11,11 @@ from typing import Any, TypeVar
 import trio
 
 from . import codec
-from ._peer_base import _PUB, _YIELD_EVERY, Handler, _check_seconds, _Sub, log
+from ._peer_base import _PUB, _YIELD_EVERY, Handler, _check_seconds, _Pending, _Sub, log
 from ._peer_link import PeerLink
 from .codec import Envelope, control, pack_envelope
 from .errors import (
+    BrokerRequestError,
     DecodeError,
     HandlerAlreadyRegistered,
     HandlerGoneError,
@@ -136,12 +137,32 @@ class PeerMessaging(PeerLink):
         key = (type_name, sender)
         self._subs.setdefault(type_name, []).append(sub)
         self._sub_refs[key] += 1
+        waiting = self._sub_acks.get(key)
         if self._sub_refs[key] == 1:
+            # the first subscriber of this (type, sender) asks the broker; later ones wait
+            # for that answer, so every subscribe returns once the broker has it
+            ack = self._sub_acks[key] = _Pending()
             try:
                 await self._request(Kind.SUB, type_name, target=sender or "")
-            except BaseException:
-                self._drop_sub(sub, tell_broker=False)
+            except BaseException as exc:
+                ack.error = exc
+                # the request may have reached the broker: undo it there too
+                self._drop_sub(sub, tell_broker=not isinstance(exc, BrokerRequestError))
                 raise
+            finally:
+                del self._sub_acks[key]
+                ack.event.set()
+        elif waiting is not None:
+            try:
+                await waiting.event.wait()
+            except BaseException:
+                self._drop_sub(sub)
+                raise
+            if waiting.error is not None:
+                self._drop_sub(sub)
+                raise PeerkitError(
+                    f"subscribing to {type_name!r} failed: {waiting.error!r}"
+                ) from waiting.error
         return sub
 
     def _drop_sub(self, sub: _Sub, *, tell_broker: bool = True) -> bool:
@@ -220,8 +241,11 @@ class PeerMessaging(PeerLink):
                 "",
                 body=codec.encode_body(RegisterHandler(msg_type=type_name, policy=policy)),
             )
-        except BaseException:
+        except BaseException as exc:
             self._query_handlers.pop(type_name, None)
+            if not isinstance(exc, BrokerRequestError) and self._link_ok:
+                # cancelled or timed out: the broker may have registered us; undo that
+                self._push(pack_envelope(int(Kind.UNREG), type_name))
             raise
 
     async def unregister_query_handler(self, msg_type: type[Message]) -> None:

@@ -67,6 +67,7 @@ class _Conn:
     """One authenticated peer connection, seen from the broker."""
 
     __slots__ = (
+        "close_reason",
         "dropped_pending",
         "dropped_total",
         "goodbye",
@@ -91,6 +92,7 @@ class _Conn:
         self.wakeup = trio.Event()
         self.dropped_pending = 0
         self.dropped_total = 0
+        self.close_reason: str | None = None
         self.goodbye: BrokerGoodbyeMsg | None = None
         self.last_seen = trio.current_time()
         self.last_sent = self.last_seen
@@ -98,6 +100,13 @@ class _Conn:
         self.msgs_in = 0
         self.msgs_out = 0
         self.state = "connected"
+
+    def kick(self, reason: str) -> None:
+        """Close this connection (the first reason given is the one reported)."""
+        if self.close_reason is None:
+            self.close_reason = reason
+            log.warning("disconnecting %r: %s", self.peer_id, reason)
+        self.scope.cancel(reason=reason)
 
     def push(self, data: bytes) -> None:
         """Queue a control envelope (never dropped: bounded by the protocol itself)."""
@@ -253,6 +262,16 @@ class Broker:
             raise PeerkitError("Broker.run() can be called only once; create a new Broker")
         self._started = True
         try:
+            await self._serve_until_shutdown(task_status)
+        except BaseExceptionGroup as group:
+            raise_single(group)
+            raise
+        finally:
+            self._listening = False
+            self._finished.set()
+
+    async def _serve_until_shutdown(self, task_status: trio.TaskStatus[Broker]) -> None:
+        if True:
             async with trio.open_nursery() as nursery:
                 server = await nursery.start(
                     _serve,
@@ -272,9 +291,6 @@ class Broker:
                 await self._shutdown_requested.wait()
                 await self._shutdown_peers()
                 nursery.cancel_scope.cancel(reason="broker shut down")
-        finally:
-            self._listening = False
-            self._finished.set()
 
     async def shutdown(self) -> None:
         """Clean shutdown: ``BrokerShutdownMsg`` to every peer, wait (bounded) for goodbyes.
@@ -293,7 +309,11 @@ class Broker:
         try:
             await nursery.start(self.run)
         except BaseException as exc:
-            await mgr.__aexit__(type(exc), exc, exc.__traceback__)
+            try:
+                await mgr.__aexit__(type(exc), exc, exc.__traceback__)
+            except BaseExceptionGroup as group:
+                raise_single(group)
+                raise
             raise
         return self
 
@@ -333,6 +353,7 @@ class Broker:
             ws = await request.accept()
         except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
             return
+        conn: _Conn | None = None
         try:
             conn = await self._handshake(ws)
             if conn is None:
@@ -352,7 +373,10 @@ class Broker:
         finally:
             with trio.move_on_after(self.grace_period) as cs:
                 cs.shield = True
-                await ws.aclose()
+                if conn is not None and conn.close_reason is not None:
+                    await ws.aclose(code=1008, reason=conn.close_reason[:120])
+                else:
+                    await ws.aclose()
 
     async def _handshake(self, ws: trio_websocket.WebSocketConnection) -> _Conn | None:
         with trio.move_on_after(self.handshake_timeout):
@@ -459,15 +483,14 @@ class Broker:
         if conn.goodbye is not None:
             reason = "goodbye" + (f" ({conn.goodbye.error_msg})" if conn.goodbye.error_msg else "")
             log.info("peer %r left: %s", conn.peer_id, reason)
+        elif conn.close_reason is not None:
+            reason = f"disconnected by the broker: {conn.close_reason}"
         elif self._shutting_down:
             reason = "broker shutdown"
         else:
-            silent = trio.current_time() - conn.last_seen
-            if silent >= self.heartbeat_timeout:
-                reason = f"no heartbeat for {silent:.1f} s"
-            else:
-                reason = "connection lost without goodbye"
+            reason = "connection lost without goodbye"
             log.warning("peer %r dropped: %s", conn.peer_id, reason)
+        if conn.goodbye is None and not (self._shutting_down and conn.close_reason is None):
             self._publish(
                 conn.peer_id,
                 _PANICK_TYPE,
@@ -584,8 +607,10 @@ class Broker:
         for pid in subscribers:
             target = conns.get(pid)
             if target is not None and not target.push_pub(data) and self.overflow == "disconnect":
-                log.warning("disconnecting %r: outgoing queue overflow", pid)
-                target.scope.cancel(reason="send queue overflow")
+                target.kick(
+                    f"its outgoing queue overflowed (send_queue_size={self.send_queue_size}): "
+                    "it reads too slowly"
+                )
 
     def _refuse_too_large(self, conn: _Conn, env: Envelope) -> None:
         detail = (
@@ -691,7 +716,7 @@ class Broker:
             now = trio.current_time()
             for conn in list(self._conns.values()):
                 if now - conn.last_seen >= self.heartbeat_timeout:
-                    conn.scope.cancel(reason="missed heartbeats")
+                    conn.kick(f"no heartbeat for {now - conn.last_seen:.1f} s")
                 elif not conn.out and now - conn.last_sent >= self.heartbeat_interval * 0.9:
                     conn.push(beat)  # only to peers that heard nothing else lately
 

@@ -195,6 +195,8 @@ class Peer(PeerMessaging):
         self._user_nursery: trio.Nursery | None = None
         self._lifecycle_lock = trio.Lock()
         self._stop_on_shutdown = False
+        self._reported_started = False
+        self._start_requested = False
         self._cm_nursery: Any = None
 
         self._ws: trio_websocket.WebSocketConnection | None = None
@@ -211,6 +213,7 @@ class Peer(PeerMessaging):
 
         self._subs: dict[str, list[_Sub]] = {}
         self._sub_refs: collections.Counter[tuple[str, str | None]] = collections.Counter()
+        self._sub_acks: dict[tuple[str, str | None], _Pending] = {}
         self._query_handlers: dict[str, Handler] = {}
         self._builtin_queries: dict[str, Handler] = {
             PeerControlMessage.message_type(): self._on_control_query,
@@ -322,17 +325,23 @@ class Peer(PeerMessaging):
     async def stop(self) -> None:
         """running → ready (calls ``_stop()``); then shuts down if ``autoshutdown``.
         Idempotent."""
+        if await self._stop_only() and self.autoshutdown:
+            await self.async_shutdown()
+
+    async def _stop_only(self) -> bool:
+        """running → ready; False if the peer was not running. Waits for a start in progress."""
         self._refuse_when_shutting_down("stop")
-        if not self.is_running:
-            return
+        self._start_requested = False
+        if not self.is_running and not self._lifecycle_lock.locked():
+            await trio.lowlevel.checkpoint()
+            return False
         async with self._lifecycle_lock:
             if not self.is_running:
-                return
+                return False
             await self._stop()
             if not self.is_shutting_down:
                 self._state = PeerState.ready
-        if self.autoshutdown:
-            await self.async_shutdown()
+        return True
 
     async def async_shutdown(self) -> None:
         """Shut the peer down gracefully. Idempotent; safe from the peer's own tasks.
@@ -377,6 +386,10 @@ class Peer(PeerMessaging):
                 f"Peer.run() was already called for {self.peer_id!r}; "
                 "a peer runs once, create a new one"
             )
+        if self.is_shutting_down:
+            raise ShuttingDownException(
+                f"peer {self.peer_id!r} was shut down before run() was called; create a new one"
+            )
         self._run_started = True
         self._run_task = trio.lowlevel.current_task()
         try:
@@ -413,6 +426,11 @@ class Peer(PeerMessaging):
             )
         if self._error is not None:
             raise self._error
+        if not self._reported_started and task_status is not trio.TASK_STATUS_IGNORED:
+            # nursery.start() needs an answer: the peer never got as far as connected
+            raise ShuttingDownException(
+                f"peer {self.peer_id!r} was shut down before it was connected"
+            )
 
     async def _watch_outer_cancel(self) -> None:
         try:
@@ -437,11 +455,16 @@ class Peer(PeerMessaging):
             usern.start_soon(self._guarded, self._dispatcher)
             for _ in range(self.max_concurrent_queries):
                 usern.start_soon(self._guarded, self._query_worker)
-            await self._register_declared()
+            try:
+                await self._register_declared()
+            except Exception as exc:  # e.g. a declared query handler another peer holds
+                self._fail(exc)
+                return
             queued, self._queued_tasks = self._queued_tasks, []
             for fn, args in queued:
                 usern.start_soon(self._guarded, fn, *args)
             task_status.started()
+            self._reported_started = True
             usern.start_soon(self._guarded, self._lifecycle)
             await trio.sleep_forever()
 
@@ -450,7 +473,7 @@ class Peer(PeerMessaging):
         if self.is_shutting_down:
             return
         self._state = PeerState.ready
-        if self.autostart:
+        if self.autostart or self._start_requested:
             await self.start()
 
     async def _sys_guarded(self, fn: Callable[[], Awaitable[None]]) -> None:
@@ -523,16 +546,28 @@ class Peer(PeerMessaging):
     async def _on_control_query(self, msg: PeerControlMessage) -> Message:
         if msg.peer_id != self.peer_id:
             raise PeerkitError(f"control message for {msg.peer_id!r} sent to {self.peer_id!r}")
-        if msg.action == "close":
-            self._request_shutdown(f"closed by {msg.sender!r}")
+        log.info("peer %r: control action %r from %r", self.peer_id, msg.action, msg.sender)
+        if msg.action == "start":
+            await self._control_start()
+        elif msg.action == "stop":
+            # answer first, then shut down (autoshutdown): the asker gets its OkMsg
+            if await self._stop_only() and self.autoshutdown:
+                self._request_shutdown(f"stopped by {msg.sender!r} (autoshutdown)")
         else:
-            await self._control(msg.action)
+            self._request_shutdown(f"closed by {msg.sender!r}")
         return OkMsg(detail=f"{self.peer_id} {msg.action}: {self.state}")
+
+    async def _control_start(self) -> None:
+        if self.is_ready:
+            await self.start()
+        else:  # still getting ready: start as soon as it is
+            self._start_requested = True
+            await trio.lowlevel.checkpoint()
 
     async def _control(self, action: str) -> None:
         log.info("peer %r: control action %r", self.peer_id, action)
         if action == "start":
-            await self.start()
+            await self._control_start()
         elif action == "stop":
             await self.stop()
         elif action == "close":

@@ -144,6 +144,8 @@ class RoutingTable:
             pass
         result = self._all.get(msg_type, set()) | self._specific.get(key, set())
         out = tuple(sorted(result))
+        if len(self._cache) >= 50_000:  # bound it: publishers can invent (type, sender) pairs
+            self._cache.clear()
         self._cache[key] = out
         return out
 

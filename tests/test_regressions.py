@@ -1,8 +1,6 @@
-"""Review findings on the core runtime (peer lifecycle, messaging, broker).
-
-Each test shows one defect and is marked ``xfail(strict=True)``: it starts passing (and so
-fails the suite) once the defect is fixed, at which point the marker should be removed.
-"""
+"""Regression tests for defects found in a review of the core runtime: startup failures,
+shutdown during startup, control messages racing the lifecycle, cancelled requests, concurrent
+subscriptions, broker errors and disconnect reasons."""
 
 from __future__ import annotations
 
@@ -58,11 +56,6 @@ async def _run_quietly(
         await peer.run(task_status=task_status)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peer.py:440 an error from _register_declared escapes _live: no _fail, no goodbye, "
-    "the WebSocket is never closed, the broker keeps a zombie peer until heartbeat_timeout",
-)
 async def test_review_startup_failure_leaves_zombie_connection(broker: Broker) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as n:
@@ -81,11 +74,6 @@ async def test_review_startup_failure_leaves_zombie_connection(broker: Broker) -
             await first.async_shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peer.py:391/444 a shutdown requested before task_status.started() makes "
-    "nursery.start(peer.run) raise RuntimeError('child exited without calling started')",
-)
 async def test_review_shutdown_during_startup_is_not_runtimeerror(broker: Broker) -> None:
     with trio.fail_after(10):
         peer = Peer(broker.url, "p")
@@ -102,11 +90,6 @@ async def test_review_shutdown_during_startup_is_not_runtimeerror(broker: Broker
         assert peer.is_finished
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peer.py:311 via _on_control (peer.py:519): PeerControlMessage(start) during "
-    "startup raises PeerkitError in the dispatcher and kills the peer",
-)
 async def test_review_control_start_during_startup_kills_peer(broker: Broker) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as n:
@@ -121,11 +104,6 @@ async def test_review_control_start_during_startup_kills_peer(broker: Broker) ->
             await ctl.async_shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peer.py:529->335->355 a 'stop' control query to an autoshutdown peer cancels the "
-    "query worker before it replies: the asker gets HandlerGoneError, not OkMsg",
-)
 async def test_review_control_stop_query_gets_no_answer(broker: Broker) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as n:
@@ -139,11 +117,6 @@ async def test_review_control_stop_query_gets_no_answer(broker: Broker) -> None:
             await ctl.async_shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_peer_messaging.py:223 a cancelled register_query_handler forgets the handler "
-    "locally but the REG was already sent: the broker keeps it (others are refused)",
-)
 async def test_review_cancelled_register_leaves_broker_registration(broker: Broker) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as n:
@@ -158,11 +131,6 @@ async def test_review_cancelled_register_leaves_broker_registration(broker: Brok
             await a.async_shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_peer_messaging.py:142 a cancelled subscribe drops the local sub but the SUB was "
-    "already sent: the broker keeps routing that type to the peer",
-)
 async def test_review_cancelled_subscribe_leaves_broker_subscription(broker: Broker) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as n:
@@ -175,11 +143,6 @@ async def test_review_cancelled_subscribe_leaves_broker_subscription(broker: Bro
             await a.async_shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_peer_messaging.py:139 a second subscribe for the same (type, sender) returns "
-    "before the broker acknowledged the first one (contract: returns once the broker has it)",
-)
 async def test_review_concurrent_subscribe_returns_early(broker: Broker) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as n:
@@ -192,11 +155,6 @@ async def test_review_concurrent_subscribe_returns_early(broker: Broker) -> None
             await a.async_shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker.py:255/295 Broker.run and Broker.__aenter__ raise an ExceptionGroup "
-    "(e.g. bind failure) instead of the single error",
-)
 async def test_review_broker_bind_failure_is_a_group(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
         busy = socket.socket()
@@ -213,28 +171,17 @@ async def test_review_broker_bind_failure_is_a_group(nursery: trio.Nursery) -> N
             busy.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peer.py:346-352 + 429 async_shutdown() before run(), then run(): "
-    "InvalidStateTransition finished->connected (and the open WebSocket is leaked)",
-)
 async def test_review_run_after_early_shutdown(broker: Broker) -> None:
     with trio.fail_after(10):
         peer = Peer(broker.url, "p")
         await peer.async_shutdown()
         with pytest.raises(PeerkitError) as info:
-            async with trio.open_nursery() as n:
-                await n.start(peer.run)
+            await peer.run()
         assert not isinstance(info.value, InvalidStateTransition)
         await trio.sleep(0.2)
         assert "p" not in broker.peer_ids
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peer.py:326 stop() while start() is inside _start() returns at once: the stop is "
-    "lost and the peer ends up running",
-)
 async def test_review_stop_during_start_is_lost(broker: Broker) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as n:
@@ -249,11 +196,6 @@ async def test_review_stop_during_start_is_lost(broker: Broker) -> None:
             await peer.async_shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker.py:580-582/470 overflow='disconnect' closes with code 1000 and no reason, "
-    "and publishes PanickMsg 'connection lost without goodbye': nobody learns why",
-)
 async def test_review_overflow_disconnect_is_reported_misleadingly(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
         broker = Broker(send_queue_size=2, overflow="disconnect")
