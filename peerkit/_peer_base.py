@@ -87,6 +87,7 @@ class PeerBase(StateMachine):
     _stop_on_shutdown: bool
     _ws: trio_websocket.WebSocketConnection | None
     _link_ok: bool
+    _can_send: bool
     _welcome: Welcome | None
     _max_message_size: int
     _out: collections.deque[bytes]
@@ -101,7 +102,7 @@ class PeerBase(StateMachine):
     _sub_acks: dict[tuple[str, str | None], _Pending]
     _query_handlers: dict[str, Handler]
     _builtin_queries: dict[str, Handler]
-    _inbox: collections.deque[tuple[str, str, bytes]]
+    _inbox: collections.deque[Envelope]
     _inbox_ready: trio.Event
     _local_drops: int
     _query_send: trio.MemorySendChannel[Envelope]

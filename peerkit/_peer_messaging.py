@@ -45,11 +45,12 @@ class PeerMessaging(PeerLink):
                 ready = self._inbox_ready = trio.Event()
                 await ready.wait()
                 continue
+            all_subs = self._subs
             for _ in range(len(inbox)):
-                msg_type, sender, body = inbox.popleft()
-                subs = self._subs.get(msg_type)
+                env = inbox.popleft()
+                subs = all_subs.get(env.type)
                 if subs:
-                    await self._dispatch_one(subs, msg_type, sender, body)
+                    await self._dispatch_one(subs, env.type, env.sender, env.body)
             await trio.lowlevel.checkpoint()
 
     async def _dispatch_one(
@@ -80,11 +81,13 @@ class PeerMessaging(PeerLink):
         Messages from one peer reach each subscriber in the order sent. Waits (up to
         ``send_timeout``) when the outgoing queue is full.
         """
-        self._require_connected("send_message")
+        if not self._can_send:  # one flag for the common case (kept by _state_changed)
+            self._require_connected("send_message")
         body = codec.encode_body(msg, self._max_message_size)
         # encode_body checked the class is registered: its type name is safe to read
         data = pack_envelope(_PUB, type(msg).__message_type__, "", 0, "", body)
-        if len(self._out) >= self.send_queue_size:
+        out = self._out
+        if len(out) >= self.send_queue_size:
             try:
                 with trio.fail_after(self.send_timeout):
                     while len(self._out) >= self.send_queue_size and self._link_ok:
@@ -97,8 +100,10 @@ class PeerMessaging(PeerLink):
             self._require_connected("send_message")
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
-        self._push(data)
-        if len(self._out) >= _YIELD_EVERY:
+        out.append(data)
+        self._enqueued += 1
+        self._out_ready.set()
+        if len(out) >= _YIELD_EVERY:
             # let the writer batch what is queued; a lone message goes out at the caller's
             # next yield (at once, in practice)
             await trio.lowlevel.cancel_shielded_checkpoint()

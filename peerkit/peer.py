@@ -201,6 +201,7 @@ class Peer(PeerMessaging):
 
         self._ws: trio_websocket.WebSocketConnection | None = None
         self._link_ok = False
+        self._can_send = False
         self._welcome: Welcome | None = None
         self._max_message_size = codec.DEFAULT_MAX_MESSAGE_SIZE
         self._out: collections.deque[bytes] = collections.deque()
@@ -218,7 +219,7 @@ class Peer(PeerMessaging):
         self._builtin_queries: dict[str, Handler] = {
             PeerControlMessage.message_type(): self._on_control_query,
         }
-        self._inbox: collections.deque[tuple[str, str, bytes]] = collections.deque()
+        self._inbox: collections.deque[Envelope] = collections.deque()
         self._inbox_ready = trio.Event()
         self._local_drops = 0
         self._query_send, self._query_recv = trio.open_memory_channel[Envelope](
@@ -252,6 +253,7 @@ class Peer(PeerMessaging):
     # ============================================================ lifecycle
     def _state_changed(self, old: PeerState, new: PeerState) -> None:
         log.debug("peer %r: %s -> %s", self.peer_id, old, new)
+        self._can_send = self.is_connected
         self._state_lot.unpark_all()
         if self._link_ok and new is not PeerState.finished:
             self._push(control(Kind.STATE, PeerStateReport(state=new.value)))

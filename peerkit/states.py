@@ -130,13 +130,18 @@ class StateMachine:
     def is_initializing(self) -> bool:
         return self.__state is S.initializing
 
+    # identity tests, not set membership: Enum.__hash__ is Python code and these run for
+    # every message sent and received
+
     @property
     def is_connected(self) -> bool:
-        return self.__state in _CONNECTED
+        s = self.__state
+        return s is S.running or s is S.ready or s is S.connected
 
     @property
     def is_ready(self) -> bool:
-        return self.__state in _READY
+        s = self.__state
+        return s is S.running or s is S.ready
 
     @property
     def is_running(self) -> bool:
@@ -144,7 +149,8 @@ class StateMachine:
 
     @property
     def is_shutting_down(self) -> bool:
-        return self.__state in _SHUTTING_DOWN
+        s = self.__state
+        return s is S.shutting_down or s is S.finished
 
     @property
     def is_finished(self) -> bool:
