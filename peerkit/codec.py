@@ -228,17 +228,20 @@ def encode_body(msg: Message, max_size: int | None = None) -> bytes:
     return data
 
 
+def _what(cls: type[Message], sender: str) -> str:
+    return f"{cls.__message_type__!r}" + (f" from {sender!r}" if sender else "")
+
+
 def decode_body(cls: type[Message], body: bytes, sender: str = "") -> Message:
     """Decode ``body`` as an instance of ``cls`` and stamp ``sender``."""
-    what = f"{cls.__message_type__!r}" + (f" from {sender!r}" if sender else "")
     try:
         data = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise DecodeError(
-            f"cannot decode message {what}: body is not valid msgpack ({exc})"
+            f"cannot decode message {_what(cls, sender)}: body is not valid msgpack ({exc})"
         ) from None
     if type(data) is not dict:
-        raise DecodeError(f"cannot decode message {what}: body is not a map")
+        raise DecodeError(f"cannot decode message {_what(cls, sender)}: body is not a map")
     data["sender"] = sender
     try:
         fast = _STRUCTURE[cls]
@@ -254,9 +257,11 @@ def decode_body(cls: type[Message], body: bytes, sender: str = "") -> Message:
         problems = "; ".join(
             cattrs.transform_error(exc, path=cls.__message_type__, format_exception=_fmt)
         )
-        raise DecodeError(f"invalid message {what}: {problems}") from None
+        raise DecodeError(f"invalid message {_what(cls, sender)}: {problems}") from None
     except Exception as exc:  # a validator of the class refused the values
-        raise DecodeError(f"invalid message {what}: {type(exc).__name__}: {exc}") from None
+        raise DecodeError(
+            f"invalid message {_what(cls, sender)}: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def decode_message(type_name: str, body: bytes, sender: str = "") -> Message:
