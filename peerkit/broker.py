@@ -9,10 +9,7 @@ messages and tells the subscriber how many (or disconnects it, by option).
 
 from __future__ import annotations
 
-import collections
 import hmac
-import ipaddress
-import logging
 import math
 import ssl
 from collections.abc import Callable
@@ -23,108 +20,43 @@ import trio
 import trio_websocket
 
 from . import codec
+from ._broker_conn import (
+    _MAX_ID_LEN,
+    _PANICK_TYPE,
+    _PEER_LEFT_TYPE,
+    _RESERVED_IDS,
+    BROKER_ID,
+    _check_bind,
+    _Conn,
+    _serve,
+    log,
+)
+from ._broker_dispatch import BrokerDispatch
 from ._util import raise_single
-from ._wsconf import MAX_BATCH, RECEIVE_BUFFER, batch_limit, ws_max_frame
-from .codec import DEFAULT_MAX_MESSAGE_SIZE, Envelope, control, pack_envelope
+from ._wsconf import MAX_BATCH, batch_limit, ws_max_frame
+from .codec import DEFAULT_MAX_MESSAGE_SIZE, control, pack_envelope
 from .errors import (
-    BrokerRequestError,
     DecodeError,
-    MultiplePeersAvailable,
-    NoHandlerError,
     PeerkitError,
 )
-from .messages import BrokerGoodbyeMsg, BrokerShutdownMsg, MessagesDropped, PanickMsg, PeerLeft
+from .messages import BrokerShutdownMsg, MessagesDropped, PanickMsg, PeerLeft
 from .protocol import (
     PROTOCOL_VERSION,
     BrokerInfo,
     Hello,
     Kind,
     PeerInfo,
-    PeerStateReport,
     QueryFailed,
-    RegisterHandler,
     Reject,
     RequestFailed,
     Welcome,
 )
-from .routing import PendingQuery, RoutingTable
+from .routing import RoutingTable
 
 __all__ = ["BROKER_ID", "Broker"]
 
-log = logging.getLogger("peerkit.broker")
 
-#: The sender id the broker uses for messages it publishes itself.
-BROKER_ID = "broker"
-_RESERVED_IDS = frozenset({BROKER_ID, ""})
-_MAX_ID_LEN = 200
-
-_PANICK_TYPE = PanickMsg.message_type()
-_PEER_LEFT_TYPE = PeerLeft.message_type()
-_PUB = int(Kind.PUB)
-
-
-class _Conn:
-    """One authenticated peer connection, seen from the broker."""
-
-    __slots__ = (
-        "close_reason",
-        "dropped_pending",
-        "dropped_total",
-        "goodbye",
-        "last_seen",
-        "last_sent",
-        "limit",
-        "msgs_in",
-        "msgs_out",
-        "out",
-        "peer_id",
-        "scope",
-        "state",
-        "wakeup",
-        "ws",
-    )
-
-    def __init__(self, peer_id: str, ws: trio_websocket.WebSocketConnection, limit: int) -> None:
-        self.peer_id = peer_id
-        self.ws = ws
-        self.limit = limit
-        self.out: collections.deque[bytes] = collections.deque()
-        self.wakeup = trio.Event()
-        self.dropped_pending = 0
-        self.dropped_total = 0
-        self.close_reason: str | None = None
-        self.goodbye: BrokerGoodbyeMsg | None = None
-        self.last_seen = trio.current_time()
-        self.last_sent = self.last_seen
-        self.scope = trio.CancelScope()
-        self.msgs_in = 0
-        self.msgs_out = 0
-        self.state = "connected"
-
-    def kick(self, reason: str) -> None:
-        """Close this connection (the first reason given is the one reported)."""
-        if self.close_reason is None:
-            self.close_reason = reason
-            log.warning("disconnecting %r: %s", self.peer_id, reason)
-        self.scope.cancel(reason=reason)
-
-    def push(self, data: bytes) -> None:
-        """Queue a control envelope (never dropped: bounded by the protocol itself)."""
-        self.out.append(data)
-        self.wakeup.set()
-
-    def push_pub(self, data: bytes) -> bool:
-        """Queue a published message; False (and counted) if the queue is full."""
-        if len(self.out) >= self.limit:
-            self.dropped_pending += 1
-            self.dropped_total += 1
-            return False
-        self.out.append(data)
-        self.wakeup.set()
-        return True
-
-
-class Broker:
+class Broker(BrokerDispatch):
     """Routes typed messages and queries between peers over WebSocket.
 
     ``await nursery.start(broker.run)`` returns once the broker listens; ``broker.url`` is
@@ -551,162 +483,6 @@ class Broker:
                 # closing from both ends at once
                 conn.scope.deadline = trio.current_time() + self.grace_period
 
-    def _dispatch(self, conn: _Conn, env: Envelope) -> None:
-        kind = env.kind
-        if kind == _PUB:
-            if len(env.body) > self.max_message_size:
-                self._refuse_too_large(conn, env)
-                return
-            self._publish(conn.peer_id, env.type, env.body)
-        elif kind == Kind.HEARTBEAT:
-            pass
-        elif kind == Kind.QUERY:
-            self._route_query(conn, env)
-        elif kind == Kind.REPLY or kind == Kind.QERR:
-            pq = self.routing.close_query(env.corr, conn.peer_id)
-            if pq is not None:
-                target = self._conns.get(pq.asker)
-                if target is not None:
-                    target.push(
-                        pack_envelope(kind, env.type, conn.peer_id, pq.asker_corr, "", env.body)
-                    )
-        elif kind == Kind.QCANCEL:
-            self.routing.cancel_query(conn.peer_id, env.corr)
-        elif kind == Kind.SUB or kind == Kind.UNSUB:
-            self._subscription(conn, env)
-        elif kind == Kind.REG or kind == Kind.UNREG:
-            self._handler_registration(conn, env)
-        elif kind == Kind.INFO:
-            info = self.info()
-            conn.push(
-                control(Kind.REPLY, info, corr=env.corr, type=info.message_type(), sender=BROKER_ID)
-            )
-        elif kind == Kind.STATE:
-            try:
-                report = codec.decode_body(PeerStateReport, env.body)
-                assert isinstance(report, PeerStateReport)
-                conn.state = report.state
-            except DecodeError as exc:
-                self._error(conn, "bad_state", str(exc))
-        elif kind == Kind.GOODBYE:
-            try:
-                goodbye = codec.decode_body(BrokerGoodbyeMsg, env.body, conn.peer_id)
-                assert isinstance(goodbye, BrokerGoodbyeMsg)
-            except DecodeError:
-                goodbye = BrokerGoodbyeMsg(error_msg="(unreadable goodbye)")
-            conn.goodbye = goodbye
-        else:
-            self._error(conn, "unexpected", f"unexpected envelope kind {Kind(kind).name}")
-
-    def _publish(self, sender: str, msg_type: str, body: bytes) -> None:
-        subscribers = self.routing.subscribers(msg_type, sender)
-        if not subscribers:
-            return
-        data = pack_envelope(_PUB, msg_type, sender, 0, "", body)
-        conns = self._conns
-        for pid in subscribers:
-            target = conns.get(pid)
-            if target is not None and not target.push_pub(data) and self.overflow == "disconnect":
-                target.kick(
-                    f"its outgoing queue overflowed (send_queue_size={self.send_queue_size}): "
-                    "it reads too slowly"
-                )
-
-    def _refuse_too_large(self, conn: _Conn, env: Envelope) -> None:
-        detail = (
-            f"message {env.type!r} is {len(env.body)} bytes, over the broker's "
-            f"max_message_size of {self.max_message_size} bytes; it was not delivered"
-        )
-        log.warning("from %r: %s", conn.peer_id, detail)
-        self._error(conn, "too_large", detail)
-
-    def _error(self, conn: _Conn, code: str, detail: str) -> None:
-        conn.push(control(Kind.ERROR, RequestFailed(code=code, detail=detail)))
-
-    def _ack(self, conn: _Conn, corr: int) -> None:
-        conn.push(pack_envelope(int(Kind.ACK), "", BROKER_ID, corr))
-
-    def _nack(self, conn: _Conn, corr: int, code: str, detail: str) -> None:
-        conn.push(control(Kind.NACK, RequestFailed(code=code, detail=detail), corr=corr))
-
-    def _subscription(self, conn: _Conn, env: Envelope) -> None:
-        if not env.type:
-            self._nack(conn, env.corr, "bad_request", "subscription without a message type")
-            return
-        sender = env.target or None
-        if env.kind == Kind.SUB:
-            self.routing.subscribe(conn.peer_id, env.type, sender)
-        else:
-            self.routing.unsubscribe(conn.peer_id, env.type, sender)
-        self._ack(conn, env.corr)
-
-    def _handler_registration(self, conn: _Conn, env: Envelope) -> None:
-        try:
-            if env.kind == Kind.REG:
-                reg = codec.decode_body(RegisterHandler, env.body)
-                assert isinstance(reg, RegisterHandler)
-                self.routing.register_handler(conn.peer_id, reg.msg_type, reg.policy)
-            elif not self.routing.unregister_handler(conn.peer_id, env.type):
-                raise BrokerRequestError(
-                    "not_registered", f"{conn.peer_id!r} does not handle {env.type!r} queries"
-                )
-        except BrokerRequestError as exc:
-            self._nack(conn, env.corr, exc.code, str(exc))
-        except DecodeError as exc:
-            self._nack(conn, env.corr, "bad_request", str(exc))
-        else:
-            self._ack(conn, env.corr)
-
-    def _route_query(self, conn: _Conn, env: Envelope) -> None:
-        if len(env.body) > self.max_message_size:
-            self._query_failed(
-                conn.peer_id,
-                env.corr,
-                QueryFailed(
-                    code="too_large",
-                    detail=f"query {env.type!r} is {len(env.body)} bytes, over max_message_size "
-                    f"{self.max_message_size}",
-                ),
-            )
-            return
-        if env.target:
-            handler = env.target
-            if handler not in self._conns:
-                self._query_failed(
-                    conn.peer_id,
-                    env.corr,
-                    QueryFailed(
-                        code="no_handler",
-                        detail=f"peer {handler!r} is not connected",
-                        peer_id=handler,
-                    ),
-                )
-                return
-        else:
-            try:
-                handler = self.routing.handler_for(env.type)
-            except NoHandlerError as exc:
-                self._query_failed(
-                    conn.peer_id, env.corr, QueryFailed(code="no_handler", detail=str(exc))
-                )
-                return
-            except MultiplePeersAvailable as exc:
-                self._query_failed(
-                    conn.peer_id,
-                    env.corr,
-                    QueryFailed(code="multiple", detail=str(exc), peers=list(exc.peers)),
-                )
-                return
-        corr = self.routing.open_query(conn.peer_id, env.corr, handler, env.type)
-        self._conns[handler].push(
-            pack_envelope(int(Kind.QUERY), env.type, conn.peer_id, corr, "", env.body)
-        )
-
-    def _query_failed(self, asker: str, corr: int, failure: QueryFailed) -> None:
-        target = self._conns.get(asker)
-        if target is not None:
-            target.push(control(Kind.QERR, failure, corr=corr, sender=BROKER_ID))
-
     # ---------------------------------------------------------------- liveness
     async def _monitor(self) -> None:
         """Send heartbeats to idle peers and drop peers that fell silent."""
@@ -719,50 +495,3 @@ class Broker:
                     conn.kick(f"no heartbeat for {now - conn.last_seen:.1f} s")
                 elif not conn.out and now - conn.last_sent >= self.heartbeat_interval * 0.9:
                     conn.push(beat)  # only to peers that heard nothing else lately
-
-
-def _pending_repr(pq: PendingQuery) -> str:  # pragma: no cover - debugging aid
-    return f"{pq.asker}#{pq.asker_corr}->{pq.handler}"
-
-
-async def _serve(
-    handler: Callable[[trio_websocket.WebSocketRequest], Any],
-    host: str,
-    port: int,
-    ssl_context: ssl.SSLContext | None,
-    max_frame: int,
-    handshake_timeout: float,
-    grace: float,
-    *,
-    task_status: trio.TaskStatus[trio_websocket.WebSocketServer] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    await trio_websocket.serve_websocket(
-        handler,
-        host,
-        port,
-        ssl_context,
-        max_message_size=max_frame,
-        message_queue_size=4,
-        receive_buffer_size=RECEIVE_BUFFER,
-        connect_timeout=handshake_timeout,
-        disconnect_timeout=grace,
-        task_status=task_status,
-    )
-
-
-def _check_bind(host: str, token: str | None) -> None:
-    if not isinstance(host, str) or not host:
-        raise PeerkitError(f"host must be a non-empty string, got {host!r}")
-    if token is not None and (not isinstance(token, str) or not token):
-        raise PeerkitError("token must be a non-empty string (or None on loopback)")
-    if host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and token is None:
-        raise PeerkitError(
-            f"binding the broker to {host!r} exposes it beyond this machine; pass token='...' "
-            "(a shared secret every peer must present) or bind 127.0.0.1"
-        )

@@ -1,0 +1,133 @@
+"""The broker's view of one peer connection, and how the server is started (internal)."""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import trio
+import trio_websocket
+
+from ._wsconf import RECEIVE_BUFFER
+from .errors import PeerkitError
+from .messages import BrokerGoodbyeMsg, PanickMsg, PeerLeft
+from .protocol import Kind
+
+log = logging.getLogger("peerkit.broker")
+
+#: The sender id the broker uses for messages it publishes itself.
+BROKER_ID = "broker"
+_RESERVED_IDS = frozenset({BROKER_ID, ""})
+_MAX_ID_LEN = 200
+
+_PANICK_TYPE = PanickMsg.message_type()
+_PEER_LEFT_TYPE = PeerLeft.message_type()
+_PUB = int(Kind.PUB)
+
+
+class _Conn:
+    """One authenticated peer connection, seen from the broker."""
+
+    __slots__ = (
+        "close_reason",
+        "dropped_pending",
+        "dropped_total",
+        "goodbye",
+        "last_seen",
+        "last_sent",
+        "limit",
+        "msgs_in",
+        "msgs_out",
+        "out",
+        "peer_id",
+        "scope",
+        "state",
+        "wakeup",
+        "ws",
+    )
+
+    def __init__(self, peer_id: str, ws: trio_websocket.WebSocketConnection, limit: int) -> None:
+        self.peer_id = peer_id
+        self.ws = ws
+        self.limit = limit
+        self.out: collections.deque[bytes] = collections.deque()
+        self.wakeup = trio.Event()
+        self.dropped_pending = 0
+        self.dropped_total = 0
+        self.close_reason: str | None = None
+        self.goodbye: BrokerGoodbyeMsg | None = None
+        self.last_seen = trio.current_time()
+        self.last_sent = self.last_seen
+        self.scope = trio.CancelScope()
+        self.msgs_in = 0
+        self.msgs_out = 0
+        self.state = "connected"
+
+    def kick(self, reason: str) -> None:
+        """Close this connection (the first reason given is the one reported)."""
+        if self.close_reason is None:
+            self.close_reason = reason
+            log.warning("disconnecting %r: %s", self.peer_id, reason)
+        self.scope.cancel(reason=reason)
+
+    def push(self, data: bytes) -> None:
+        """Queue a control envelope (never dropped: bounded by the protocol itself)."""
+        self.out.append(data)
+        self.wakeup.set()
+
+    def push_pub(self, data: bytes) -> bool:
+        """Queue a published message; False (and counted) if the queue is full."""
+        if len(self.out) >= self.limit:
+            self.dropped_pending += 1
+            self.dropped_total += 1
+            return False
+        self.out.append(data)
+        self.wakeup.set()
+        return True
+
+
+async def _serve(
+    handler: Callable[[trio_websocket.WebSocketRequest], Any],
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    max_frame: int,
+    handshake_timeout: float,
+    grace: float,
+    *,
+    task_status: trio.TaskStatus[trio_websocket.WebSocketServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await trio_websocket.serve_websocket(
+        handler,
+        host,
+        port,
+        ssl_context,
+        max_message_size=max_frame,
+        message_queue_size=4,
+        receive_buffer_size=RECEIVE_BUFFER,
+        connect_timeout=handshake_timeout,
+        disconnect_timeout=grace,
+        task_status=task_status,
+    )
+
+
+def _check_bind(host: str, token: str | None) -> None:
+    if not isinstance(host, str) or not host:
+        raise PeerkitError(f"host must be a non-empty string, got {host!r}")
+    if token is not None and (not isinstance(token, str) or not token):
+        raise PeerkitError("token must be a non-empty string (or None on loopback)")
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and token is None:
+        raise PeerkitError(
+            f"binding the broker to {host!r} exposes it beyond this machine; pass token='...' "
+            "(a shared secret every peer must present) or bind 127.0.0.1"
+        )

@@ -1,0 +1,190 @@
+"""How the broker handles each envelope a peer sends: publish, subscriptions, query
+handlers and query routing (internal)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from . import codec
+from ._broker_conn import _PUB, BROKER_ID, _Conn, log
+from .codec import Envelope, control, pack_envelope
+from .errors import BrokerRequestError, DecodeError, MultiplePeersAvailable, NoHandlerError
+from .messages import BrokerGoodbyeMsg
+from .protocol import (
+    BrokerInfo,
+    Kind,
+    PeerStateReport,
+    QueryFailed,
+    RegisterHandler,
+    RequestFailed,
+)
+from .routing import RoutingTable
+
+
+class BrokerDispatch:
+    """The broker's envelope handling; :class:`~peerkit.Broker` provides the state."""
+
+    routing: RoutingTable
+    _conns: dict[str, _Conn]
+    max_message_size: int
+    send_queue_size: int
+    overflow: Literal["drop", "disconnect"]
+
+    def info(self) -> BrokerInfo:
+        raise NotImplementedError  # pragma: no cover - Broker provides it
+
+    def _dispatch(self, conn: _Conn, env: Envelope) -> None:
+        kind = env.kind
+        if kind == _PUB:
+            if len(env.body) > self.max_message_size:
+                self._refuse_too_large(conn, env)
+                return
+            self._publish(conn.peer_id, env.type, env.body)
+        elif kind == Kind.HEARTBEAT:
+            pass
+        elif kind == Kind.QUERY:
+            self._route_query(conn, env)
+        elif kind == Kind.REPLY or kind == Kind.QERR:
+            pq = self.routing.close_query(env.corr, conn.peer_id)
+            if pq is not None:
+                target = self._conns.get(pq.asker)
+                if target is not None:
+                    target.push(
+                        pack_envelope(kind, env.type, conn.peer_id, pq.asker_corr, "", env.body)
+                    )
+        elif kind == Kind.QCANCEL:
+            self.routing.cancel_query(conn.peer_id, env.corr)
+        elif kind == Kind.SUB or kind == Kind.UNSUB:
+            self._subscription(conn, env)
+        elif kind == Kind.REG or kind == Kind.UNREG:
+            self._handler_registration(conn, env)
+        elif kind == Kind.INFO:
+            info = self.info()
+            conn.push(
+                control(Kind.REPLY, info, corr=env.corr, type=info.message_type(), sender=BROKER_ID)
+            )
+        elif kind == Kind.STATE:
+            try:
+                report = codec.decode_body(PeerStateReport, env.body)
+                assert isinstance(report, PeerStateReport)
+                conn.state = report.state
+            except DecodeError as exc:
+                self._error(conn, "bad_state", str(exc))
+        elif kind == Kind.GOODBYE:
+            try:
+                goodbye = codec.decode_body(BrokerGoodbyeMsg, env.body, conn.peer_id)
+                assert isinstance(goodbye, BrokerGoodbyeMsg)
+            except DecodeError:
+                goodbye = BrokerGoodbyeMsg(error_msg="(unreadable goodbye)")
+            conn.goodbye = goodbye
+        else:
+            self._error(conn, "unexpected", f"unexpected envelope kind {Kind(kind).name}")
+
+    def _publish(self, sender: str, msg_type: str, body: bytes) -> None:
+        subscribers = self.routing.subscribers(msg_type, sender)
+        if not subscribers:
+            return
+        data = pack_envelope(_PUB, msg_type, sender, 0, "", body)
+        conns = self._conns
+        for pid in subscribers:
+            target = conns.get(pid)
+            if target is not None and not target.push_pub(data) and self.overflow == "disconnect":
+                target.kick(
+                    f"its outgoing queue overflowed (send_queue_size={self.send_queue_size}): "
+                    "it reads too slowly"
+                )
+
+    def _refuse_too_large(self, conn: _Conn, env: Envelope) -> None:
+        detail = (
+            f"message {env.type!r} is {len(env.body)} bytes, over the broker's "
+            f"max_message_size of {self.max_message_size} bytes; it was not delivered"
+        )
+        log.warning("from %r: %s", conn.peer_id, detail)
+        self._error(conn, "too_large", detail)
+
+    def _error(self, conn: _Conn, code: str, detail: str) -> None:
+        conn.push(control(Kind.ERROR, RequestFailed(code=code, detail=detail)))
+
+    def _ack(self, conn: _Conn, corr: int) -> None:
+        conn.push(pack_envelope(int(Kind.ACK), "", BROKER_ID, corr))
+
+    def _nack(self, conn: _Conn, corr: int, code: str, detail: str) -> None:
+        conn.push(control(Kind.NACK, RequestFailed(code=code, detail=detail), corr=corr))
+
+    def _subscription(self, conn: _Conn, env: Envelope) -> None:
+        if not env.type:
+            self._nack(conn, env.corr, "bad_request", "subscription without a message type")
+            return
+        sender = env.target or None
+        if env.kind == Kind.SUB:
+            self.routing.subscribe(conn.peer_id, env.type, sender)
+        else:
+            self.routing.unsubscribe(conn.peer_id, env.type, sender)
+        self._ack(conn, env.corr)
+
+    def _handler_registration(self, conn: _Conn, env: Envelope) -> None:
+        try:
+            if env.kind == Kind.REG:
+                reg = codec.decode_body(RegisterHandler, env.body)
+                assert isinstance(reg, RegisterHandler)
+                self.routing.register_handler(conn.peer_id, reg.msg_type, reg.policy)
+            elif not self.routing.unregister_handler(conn.peer_id, env.type):
+                raise BrokerRequestError(
+                    "not_registered", f"{conn.peer_id!r} does not handle {env.type!r} queries"
+                )
+        except BrokerRequestError as exc:
+            self._nack(conn, env.corr, exc.code, str(exc))
+        except DecodeError as exc:
+            self._nack(conn, env.corr, "bad_request", str(exc))
+        else:
+            self._ack(conn, env.corr)
+
+    def _route_query(self, conn: _Conn, env: Envelope) -> None:
+        if len(env.body) > self.max_message_size:
+            self._query_failed(
+                conn.peer_id,
+                env.corr,
+                QueryFailed(
+                    code="too_large",
+                    detail=f"query {env.type!r} is {len(env.body)} bytes, over max_message_size "
+                    f"{self.max_message_size}",
+                ),
+            )
+            return
+        if env.target:
+            handler = env.target
+            if handler not in self._conns:
+                self._query_failed(
+                    conn.peer_id,
+                    env.corr,
+                    QueryFailed(
+                        code="no_handler",
+                        detail=f"peer {handler!r} is not connected",
+                        peer_id=handler,
+                    ),
+                )
+                return
+        else:
+            try:
+                handler = self.routing.handler_for(env.type)
+            except NoHandlerError as exc:
+                self._query_failed(
+                    conn.peer_id, env.corr, QueryFailed(code="no_handler", detail=str(exc))
+                )
+                return
+            except MultiplePeersAvailable as exc:
+                self._query_failed(
+                    conn.peer_id,
+                    env.corr,
+                    QueryFailed(code="multiple", detail=str(exc), peers=list(exc.peers)),
+                )
+                return
+        corr = self.routing.open_query(conn.peer_id, env.corr, handler, env.type)
+        self._conns[handler].push(
+            pack_envelope(int(Kind.QUERY), env.type, conn.peer_id, corr, "", env.body)
+        )
+
+    def _query_failed(self, asker: str, corr: int, failure: QueryFailed) -> None:
+        target = self._conns.get(asker)
+        if target is not None:
+            target.push(control(Kind.QERR, failure, corr=corr, sender=BROKER_ID))
