@@ -46,12 +46,30 @@ class PeerMessaging(PeerLink):
                 await ready.wait()
                 continue
             all_subs = self._subs
+            decode = codec.decode_message
             for _ in range(len(inbox)):
                 env = inbox.popleft()
                 subs = all_subs.get(env.type)
-                if subs:
+                if not subs:
+                    continue
+                first = subs[0]
+                if len(subs) == 1 and first.handler is not None and first.sender is None:
+                    # the common case without a coroutine per message: one handler
+                    try:
+                        msg = decode(env.type, env.body, env.sender)
+                    except DecodeError as exc:
+                        self._undecodable(exc)
+                        continue
+                    result = first.handler(msg)
+                    if result is not None and inspect.isawaitable(result):
+                        await result
+                else:
                     await self._dispatch_one(subs, env.type, env.sender, env.body)
             await trio.lowlevel.checkpoint()
+
+    def _undecodable(self, exc: DecodeError) -> None:
+        self.decode_errors += 1
+        log.error("peer %r: dropped an undecodable message: %s", self.peer_id, exc)
 
     async def _dispatch_one(
         self, subs: list[_Sub], msg_type: str, sender: str, body: bytes
@@ -59,8 +77,7 @@ class PeerMessaging(PeerLink):
         try:
             msg = codec.decode_message(msg_type, body, sender)
         except DecodeError as exc:
-            self.decode_errors += 1
-            log.error("peer %r: dropped an undecodable message: %s", self.peer_id, exc)
+            self._undecodable(exc)
             return
         for sub in tuple(subs) if len(subs) > 1 else subs:
             if sub.sender is not None and sub.sender != sender:

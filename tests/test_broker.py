@@ -310,3 +310,17 @@ async def test_peer_left_is_published_for_clean_and_unclean_leaves(broker: Broke
         assert (first.sender, first.clean, first.reason) == ("polite", True, "goodbye")
         assert (second.sender, second.clean) == ("rude", False)
         assert "without goodbye" in second.reason
+
+
+async def test_malformed_message_never_crashes_the_receiver(broker: Broker) -> None:
+    with trio.fail_after(10):
+        async with Peer(broker.url, "sub") as sub, sub.subscription(Blob) as stream:
+            async with raw(broker.url, "forger") as ws:
+                for body in (b"\xc1", codec.encode_body(PeerLeft(reason="x", clean=True))):
+                    await ws.send_message(pack_envelope(int(Kind.PUB), "Blob", "", 0, "", body))
+                good = codec.encode_body(Blob(data=b"fine"))
+                await ws.send_message(pack_envelope(int(Kind.PUB), "Blob", "", 0, "", good))
+                msg = await stream.receive()
+            assert msg.data == b"fine" and msg.sender == "forger"
+            assert sub.decode_errors == 2
+            assert sub.is_running
