@@ -324,3 +324,25 @@ async def test_malformed_message_never_crashes_the_receiver(broker: Broker) -> N
             assert msg.data == b"fine" and msg.sender == "forger"
             assert sub.decode_errors == 2
             assert sub.is_running
+
+
+async def test_malformed_message_with_a_plain_handler(broker: Broker) -> None:
+    with trio.fail_after(10):
+        got: list[bytes] = []
+        arrived = trio.Event()
+
+        def on_blob(msg: Blob) -> None:
+            got.append(msg.data)
+            arrived.set()
+
+        async with Peer(broker.url, "sub") as sub:
+            await sub.subscribe_for_all_msg_subtype(Blob, on_blob)
+            async with raw(broker.url, "forger") as ws:
+                bad = pack_envelope(int(Kind.PUB), "Blob", "", 0, "", b"\x81\xa4data\x07")
+                good = pack_envelope(
+                    int(Kind.PUB), "Blob", "", 0, "", codec.encode_body(Blob(data=b"ok"))
+                )
+                await ws.send_message(bad + good)
+                await arrived.wait()
+            assert got == [b"ok"]
+            assert sub.decode_errors == 1
