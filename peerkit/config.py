@@ -61,6 +61,7 @@ from .params import (
     MISSING,
     ConfigError,
     ConfigLayer,
+    Overrides,
     ParamDecl,
     ParamTypeError,
     PeerConfig,
@@ -96,8 +97,9 @@ class ConfiguredPeer(Peer):
     ``ConfiguredPeer(broker_url, peer_id, *, config_files=(), local_params=None,
     external_params=None, config_sources=None, launch_dependencies=None, **peer_options)``.
     Besides the :class:`~peerkit.Peer` options it takes ``config_server`` (the server's peer
-    id, default ``"config_server"``) and ``config_timeout`` (seconds allowed from connected
-    to ready, default 30).
+    id, default ``"config_server"``), ``config_timeout`` (seconds allowed from connected
+    to ready, default 30) and ``config_overrides`` (command-line ``-p/-e/-c/-d/-f``, made by
+    :func:`~peerkit.params.parse_overrides`; they rank above every other source).
 
     Hooks: ``_dependencies_are_ready()`` (after the launch dependencies are ready, before
     ``_connections_established()``), ``_params_changed(changed)`` (after parameters changed;
@@ -134,6 +136,7 @@ class ConfiguredPeer(Peer):
         launch_dependencies: Mapping[str, str] | Sequence[str] | None = None,
         config_server: str = DEFAULT_CONFIG_SERVER_ID,
         config_timeout: float = 30.0,
+        config_overrides: Overrides | None = None,
         **peer_options: Any,
     ) -> None:
         super().__init__(broker_url, peer_id, **peer_options)
@@ -143,6 +146,11 @@ class ConfiguredPeer(Peer):
             raise PeerkitError(f"config_timeout must be a positive number, got {config_timeout!r}")
         if not isinstance(config_server, str) or not config_server:
             raise PeerkitError(f"config_server must be a peer id, got {config_server!r}")
+        if config_overrides is not None and not isinstance(config_overrides, Overrides):
+            raise PeerkitError(
+                "config_overrides must be what peerkit.params.parse_overrides makes, got "
+                f"{type(config_overrides).__name__}"
+            )
         layers = [load_config_file(f) for f in config_files]
         layers.append(
             ConfigLayer.from_args(
@@ -153,6 +161,8 @@ class ConfiguredPeer(Peer):
                 launch_dependencies,
             )
         )
+        if config_overrides is not None:
+            layers += config_overrides.layers()
         self._config: PeerConfig = build_config(declared_params(type(self)), self.peer_id, layers)
         self.config_server = config_server
         self.config_timeout = float(config_timeout)
@@ -163,6 +173,7 @@ class ConfiguredPeer(Peer):
         self._waiting_for: dict[str, str] = {}
         self._waiting_phase = ""
         self._deferred: dict[str, Any] = {}
+        self._external_seq = 0  # counts ParamsChanged for this peer's external params
         self._set_lock = trio.Lock()
 
     # ------------------------------------------------------------------ accessors
@@ -321,13 +332,14 @@ class ConfiguredPeer(Peer):
                 log.error("peer %r: ignored a change: %s", self.peer_id, exc)
         if not changed:
             return
+        self._external_seq += 1
         if self._gating:
             self._config.values.update(changed)
-        elif self.is_running or self._deferred:
+        elif self.is_running:
             self._deferred.update(changed)
             log.info("peer %r is running: deferred changes of %s", self.peer_id, sorted(changed))
         else:
-            await self._apply(changed)
+            await self._apply_deferred(changed)
 
     async def _apply(self, changed: dict[str, Any]) -> None:
         really = {n: v for n, v in changed.items() if not _same(self._config.values[n], v)}
@@ -335,12 +347,20 @@ class ConfiguredPeer(Peer):
         if really:
             await self._params_changed(really)
 
-    async def stop(self) -> None:
-        """running → ready; then applies the parameter changes deferred while running."""
-        await super().stop()
+    async def _apply_deferred(self, changed: dict[str, Any] | None = None) -> None:
+        """Apply the changes deferred while running (and ``changed``), unless running."""
+        if changed:
+            self._deferred.update(changed)
         while self._deferred and not self.is_running and not self.is_shutting_down:
             deferred, self._deferred = self._deferred, {}
             await self._apply(deferred)
+
+    async def _stop_only(self) -> bool:
+        # every running → ready goes through here (stop() and the control query alike):
+        # apply the parameter changes deferred while running
+        stopped = await super()._stop_only()
+        await self._apply_deferred()
+        return stopped
 
     # ------------------------------------------------------------------ becoming ready
     async def _ask_cs(self, msg: Message) -> Message:
@@ -393,9 +413,12 @@ class ConfiguredPeer(Peer):
         return reply
 
     async def _external_step(self) -> bool:
+        seq = self._external_seq
         reply = await self._gating_query(ExternalParamsQuery())
         if reply is None:
             return False
+        if seq != self._external_seq:
+            return False  # a change arrived meanwhile: the answer may be stale, ask again
         if not isinstance(reply, ExternalParams):
             raise ConfigError(f"cannot get external params: {_error_text(reply)}")
         for name, value in reply.values.items():
@@ -406,13 +429,17 @@ class ConfiguredPeer(Peer):
                 name=name,
                 source=f"external {ref.source}.{ref.param} = {ref} for {self.peer_id!r}",
             )
+        if reply.missing and self._config.launch_dependencies:
+            # a launch dependency that is gone fails the wait at once, in this phase too
+            await self._dependency_status()
         self._waiting_for = dict(reply.missing)
         return not reply.missing
 
-    async def _dependencies_step(self) -> bool:
+    async def _dependency_status(self) -> DependenciesStatus | None:
+        """The status of the launch dependencies; DependencyLost if one left or died."""
         reply = await self._gating_query(DependenciesQuery())
         if reply is None:
-            return False
+            return None
         if not isinstance(reply, DependenciesStatus):
             raise ConfigError(f"cannot get dependency status: {_error_text(reply)}")
         if reply.failed:
@@ -423,6 +450,12 @@ class ConfiguredPeer(Peer):
                     f"dependency {names.get(p, p)!r}: {reply.missing[p]}" for p in reply.failed
                 )
             )
+        return reply
+
+    async def _dependencies_step(self) -> bool:
+        reply = await self._dependency_status()
+        if reply is None:
+            return False
         self._waiting_for = dict(reply.missing)
         return not reply.missing
 

@@ -14,8 +14,8 @@ declared type when it is loaded and when it is set; an error names the parameter
 the value came from.
 
 Configuration comes in *layers*, lowest precedence first: class defaults, config files (TOML),
-constructor arguments, command-line overrides (see :func:`parse_overrides`). A config file has
-up to four sections::
+constructor arguments, command-line overrides (``-f`` files, then ``-p/-e/-c/-d``; see
+:func:`parse_overrides`). A config file has up to four sections::
 
     [local_params]
     sampling_rate = 512
@@ -64,6 +64,7 @@ __all__ = [
     "ConfigLayer",
     "ExternalRef",
     "OverrideError",
+    "Overrides",
     "ParamDecl",
     "ParamTypeError",
     "PeerConfig",
@@ -496,19 +497,61 @@ _OPTIONS: dict[str, tuple[str, int]] = {
 }
 
 
+@attrs.frozen
+class Overrides:
+    """Command-line overrides (``-p/-e/-c/-d/-f``), the highest-precedence configuration.
+
+    Pass them to the constructor as ``config_overrides=``; :func:`parse_overrides` makes
+    them. Their layers (:meth:`layers`) come after the constructor arguments: first the
+    ``-f`` files in order, then ``-p/-e/-c/-d``, so ``-f`` beats the constructor arguments
+    and ``-p`` beats ``-f``.
+    """
+
+    config_files: tuple[str, ...] = ()
+    local_params: Mapping[str, Any] = attrs.field(factory=dict)
+    external_params: Mapping[str, str] = attrs.field(factory=dict)
+    config_sources: Mapping[str, str] = attrs.field(factory=dict)
+    launch_dependencies: Mapping[str, str] = attrs.field(factory=dict)
+
+    def layers(self) -> list[ConfigLayer]:
+        """The ``-f`` files, then the ``-p/-e/-c/-d`` options, as configuration layers."""
+        out = [load_config_file(f) for f in self.config_files]
+        out.append(
+            ConfigLayer.from_args(
+                "command line",
+                self.local_params,
+                self.external_params,
+                self.config_sources,
+                self.launch_dependencies,
+            )
+        )
+        return out
+
+    def merged(self, later: Overrides) -> Overrides:
+        """These overrides followed by ``later`` ones (later names win, files add up)."""
+        return Overrides(
+            (*self.config_files, *later.config_files),
+            {**self.local_params, **later.local_params},
+            {**self.external_params, **later.external_params},
+            {**self.config_sources, **later.config_sources},
+            {**self.launch_dependencies, **later.launch_dependencies},
+        )
+
+
 def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
     """Parse OBCI-style overrides into :class:`~peerkit.ConfiguredPeer` constructor arguments.
 
     ``-p name value`` (local parameter; the text is parsed with the declared type when the
     peer is built), ``-e name source.param``, ``-c source peer_id``, ``-d name peer_id``,
-    ``-f file`` (repeatable; files load in order, after any others). Long forms:
-    ``--local-params``, ``--external-params``, ``--config-sources``,
-    ``--launch-dependencies``, ``--config-file``. Later occurrences win. Returns a dict with
-    the keys ``config_files``, ``local_params``, ``external_params``, ``config_sources`` and
-    ``launch_dependencies``; :class:`OverrideError` for anything else in ``argv``.
+    ``-f file`` (repeatable; files load in order). Long forms: ``--local-params``,
+    ``--external-params``, ``--config-sources``, ``--launch-dependencies``,
+    ``--config-file``. Later occurrences win. Returns ``{"config_overrides": Overrides(...)}``
+    (use it as ``Peer(url, id, **parse_overrides(argv))``): overrides rank above the
+    constructor's ``config_files`` and ``local_params`` etc., the ``-f`` files below the
+    other options. :class:`OverrideError` for anything else in ``argv``.
     """
-    out: dict[str, Any] = {
-        "config_files": [],
+    files: list[str] = []
+    maps: dict[str, dict[str, Any]] = {
         "local_params": {},
         "external_params": {},
         "config_sources": {},
@@ -536,26 +579,26 @@ def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
             raise OverrideError(f"{opt} needs {nargs} value{'s' if nargs > 1 else ''}: {usage}")
         i += 1 + nargs
         if key == "config_files":
-            out[key].append(vals[0])
+            files.append(vals[0])
             continue
         name, value = vals
         if not name:
             raise OverrideError(f"{opt}: the name must not be empty")
         if key == "local_params":
-            out[key][name] = Text(value, f"command line -p {name}")
+            maps[key][name] = Text(value, f"command line -p {name}")
         elif key == "external_params":
             _split_ref(value, name, f"command line {opt}")
-            out[key][name] = value
+            maps[key][name] = value
         else:
             if not value:
                 raise OverrideError(f"{opt} {name}: the peer id must not be empty")
-            out[key][name] = value
-    return out
+            maps[key][name] = value
+    return {"config_overrides": Overrides(tuple(files), **maps)}
 
 
 def merge_overrides(*kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge constructor-argument dicts (as returned by :func:`parse_overrides`); later ones
-    win per name, ``config_files`` are concatenated."""
+    """Merge constructor-argument dicts (e.g. an args file and :func:`parse_overrides`);
+    later ones win per name, ``config_files`` are concatenated, ``config_overrides`` merged."""
     out: dict[str, Any] = {}
     for kw in kwargs:
         for key, value in kw.items():
@@ -563,6 +606,8 @@ def merge_overrides(*kwargs: Mapping[str, Any]) -> dict[str, Any]:
                 out.setdefault(key, None)
             elif key == "config_files":
                 out[key] = [*(out.get(key) or ()), *value]
+            elif key == "config_overrides" and isinstance(out.get(key), Overrides):
+                out[key] = out[key].merged(value)
             elif key in _SECTIONS:
                 base = out.get(key) or {}
                 if not isinstance(value, Mapping) or not isinstance(base, Mapping):

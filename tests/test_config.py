@@ -20,7 +20,8 @@ from peerkit.config_messages import (
     RegisterPeerConfig,
 )
 from peerkit.config_server import ConfigTimeout, DependencyLost
-from peerkit.messages import ErrorMsg, OkMsg, PanickMsg, PeerReady
+from peerkit.errors import BrokerLostError
+from peerkit.messages import ErrorMsg, OkMsg, PanickMsg, PeerControlMessage, PeerReady
 from peerkit.params import ConfigError, ParamTypeError, UnknownParamError, parse_overrides
 
 
@@ -64,16 +65,22 @@ async def ready(*peers: Peer, timeout: float = 5) -> None:
 def test_constructor_precedence_and_unknown_params(tmp_path: Path) -> None:
     f = tmp_path / "amp.toml"
     f.write_text("[local_params]\nsampling_rate = 128\ngain = 2\n")
-    kw = parse_overrides(["-p", "gain", "3.5", "-f", str(f)])
+    ov = tmp_path / "override.toml"
+    ov.write_text("[local_params]\nchannels = ['O1']\ngain = 4.0\n")
+    kw = parse_overrides(["-p", "gain", "3.5", "-f", str(ov)])
+    # defaults < config files < constructor arguments < -f files < -p
     amp = Amp(
         "ws://127.0.0.1:1",
         "amp",
-        local_params={"sampling_rate": 512, **kw["local_params"]},
-        config_files=kw["config_files"],
+        config_files=[f],
+        local_params={"sampling_rate": 512, "channels": ["X"], "gain": 5.0},
+        **kw,
     )
     assert amp.sampling_rate == 512 and amp.get_param("gain") == 3.5
-    assert amp.channels == ["C3", "Cz"] and amp.has_param("gain") and not amp.has_param("x")
-    assert amp.param_values() == {"sampling_rate": 512, "channels": ["C3", "Cz"], "gain": 3.5}
+    assert amp.channels == ["O1"] and "override.toml" in amp.config.sources["channels"]
+    amp = Amp("ws://127.0.0.1:1", "amp", local_params={"sampling_rate": 512}, **kw)
+    assert amp.has_param("gain") and not amp.has_param("x")
+    assert amp.param_values() == {"sampling_rate": 512, "channels": ["O1"], "gain": 3.5}
     assert Amp("ws://127.0.0.1:1", "a2", config_files=str(f)).get_param("gain") == 2.0
     with pytest.raises(UnknownParamError, match=r"'rate' in local_params .*sampling_rate"):
         Amp("ws://127.0.0.1:1", "amp", local_params={"rate": 1})
@@ -81,6 +88,10 @@ def test_constructor_precedence_and_unknown_params(tmp_path: Path) -> None:
         amp.get_param("rate")
     with pytest.raises(ParamTypeError, match=r"'sampling_rate' \(constructor argument\)"):
         Amp("ws://127.0.0.1:1", "amp", local_params={"sampling_rate": "abc"})
+    with pytest.raises(ParamTypeError, match=r"'sampling_rate' \(command line -p sampling_rate\)"):
+        Amp("ws://127.0.0.1:1", "amp", **parse_overrides(["-p", "sampling_rate", "abc"]))
+    with pytest.raises(UnknownParamError, match=r"'rate' in external_params \(command line\)"):
+        Amp("ws://127.0.0.1:1", "amp", **parse_overrides(["-e", "rate", "x.y"]))
     with pytest.raises(ConfigError, match="'rate' of 'f' has no value"):
         Filter("ws://127.0.0.1:1", "f")
     with pytest.raises(AttributeError, match="set_param"):
@@ -226,6 +237,39 @@ async def test_set_param_propagates_and_running_dependent_defers(
             with pytest.raises(UnknownParamError):
                 await amp.set_param("nope", 3)
             assert config_server.registry.peers["amp"].params["sampling_rate"] == 500
+
+
+async def test_changes_deferred_while_running_apply_after_a_remote_stop(
+    broker: Broker, config_server: ConfigServer
+) -> None:
+    with trio.fail_after(10):
+        amp = Amp(broker.url, "amp", autostart=False)
+        flt = Filter(
+            broker.url,
+            "filter",
+            external_params={"rate": "amp.sampling_rate"},
+            launch_dependencies=["amp"],
+            autoshutdown=False,
+        )
+        async with amp, flt, Peer(broker.url, "ctl") as ctl:
+            await flt.wait_for_state(lambda p: p.is_running, 5)
+            seen = trio.Event()
+            await flt.subscribe_for_specific_msg_subtype(
+                ParamsChanged, "config_server", lambda m: seen.set()
+            )
+            await amp.set_param("sampling_rate", 300)
+            await seen.wait()
+            assert flt.rate == 256  # deferred while running
+            # the launcher's way of stopping a peer: a control query
+            reply = await ctl.ask_peer(
+                "filter", PeerControlMessage(peer_id="filter", action="stop")
+            )
+            assert isinstance(reply, OkMsg) and flt.is_ready and not flt.is_running
+            assert flt.rate == 300 and flt.changes == [{"rate": 300}]
+            changed = flt.changed
+            await amp.set_param("sampling_rate", 400)  # ready, not running: applied at once
+            await changed.wait()
+            assert flt.rate == 400 and flt.changes[-1] == {"rate": 400}
 
 
 async def test_remote_set_param(broker: Broker, config_server: ConfigServer) -> None:
@@ -415,6 +459,46 @@ async def test_panick_removes_peer_and_tells_waiters(
         assert "fake" in config_server.registry.gone
 
 
+async def test_dependency_losing_its_connection_while_others_wait(
+    broker: Broker, config_server: ConfigServer
+) -> None:
+    with trio.fail_after(10):
+
+        class Stuck(Amp):
+            async def _connections_established(self) -> None:
+                await trio.sleep_forever()
+
+        amp = Stuck(broker.url, "amp")
+        flt = Filter(
+            broker.url,
+            "filter",
+            external_params={"rate": "amp.no_such_param"},  # keeps it waiting for params
+            launch_dependencies=["amp"],
+        )
+
+        async def run_amp() -> None:
+            with pytest.raises(BrokerLostError):
+                await amp.run()
+
+        async def run_filter() -> None:
+            with pytest.raises(
+                DependencyLost, match=r"filter → amp: peer 'amp' died .*without goodbye"
+            ):
+                await flt.run()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(run_amp)
+            n.start_soon(run_filter)
+            await config_server.wait_for(lambda r: {"amp", "filter"} <= set(r.peers), 5)
+            assert (
+                "no parameter 'no_such_param'"
+                in config_server.registry.waiting_for("filter")["rate"]
+            )
+            await trio.aclose_forcefully(amp._ws._stream)  # type: ignore[union-attr]  # no goodbye
+        assert "without goodbye" in config_server.registry.gone["amp"]
+        assert "amp" not in config_server.registry.peers
+
+
 async def test_ready_dependent_is_told_when_dependency_leaves(
     broker: Broker, config_server: ConfigServer
 ) -> None:
@@ -498,3 +582,26 @@ async def test_shutdown_right_as_the_peer_becomes_ready_is_clean(
         await config_server.wait_for(lambda r: r.is_ready("amp"), 5)
         await amp.async_shutdown()
         assert amp.is_finished and amp.error is None
+
+
+# ----------------------------------------------------------------------------- docs
+
+
+async def test_worked_example_of_the_docs_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    text = (Path(__file__).parent.parent / "docs" / "configuration.rst").read_text()
+    block = text.split("A worked example", 1)[1].split(".. code-block:: python\n", 1)[1]
+    lines = []
+    for line in block.splitlines()[1:]:
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    source = "\n".join(lines).strip()
+    assert source.endswith("trio.run(main)")
+    namespace: dict[str, Any] = {"__name__": "docs_example"}
+    exec(compile(source.removesuffix("trio.run(main)"), "configuration.rst", "exec"), namespace)
+    with trio.fail_after(10):
+        await namespace["main"]()
+    out = capsys.readouterr().out
+    assert "filter: amplifier ready, rate = 512" in out
+    assert "filter: parameters changed: {'rate': 1024}" in out
+    assert "('filter', True, {'order': 6, 'rate': 1024})" in out

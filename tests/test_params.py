@@ -15,6 +15,7 @@ from peerkit.params import (
     ConfigError,
     ConfigLayer,
     OverrideError,
+    Overrides,
     ParamTypeError,
     Text,
     UnknownParamError,
@@ -292,22 +293,50 @@ def test_precedence_of_all_sources(tmp_path: Path) -> None:
         "one.toml",
         '[local_params]\nrate = 1\nname = "file1"\nenabled = false\nsource = 5\nextra = 10\n',
     )
-    f2 = write(tmp_path, "two.toml", '[local_params]\nrate = 2\nname = "file2"\n')
+    # a -f file from the command line ranks above the constructor arguments
+    f2 = write(tmp_path, "two.toml", '[local_params]\nrate = 2\nname = "file2"\nextra = 20\n')
     cli = parse_overrides(["-p", "rate", "4", "-f", str(f2)])
     kwargs = merge_overrides(
-        {"config_files": [str(f1)], "local_params": {"rate": 3, "mode": "slow"}}, cli
+        {"config_files": [str(f1)], "local_params": {"rate": 3, "mode": "slow", "name": "ctor"}},
+        cli,
     )
     layers = [load_config_file(f) for f in kwargs["config_files"]]
     layers.append(ConfigLayer.from_args("constructor argument", kwargs["local_params"]))
+    layers += kwargs["config_overrides"].layers()
     cfg = build_config(decls(), "me", layers)
     assert cfg.values["rate"] == 4 and cfg.sources["rate"] == "command line -p rate"
     assert cfg.values["mode"] == "slow" and cfg.sources["mode"] == "constructor argument"
     assert cfg.values["name"] == "file2" and "two.toml" in cfg.sources["name"]
+    assert cfg.values["extra"] == 20 and "two.toml" in cfg.sources["extra"]
     assert cfg.values["enabled"] is False and "one.toml" in cfg.sources["enabled"]
+    assert cfg.values["source"] == 5 and "one.toml" in cfg.sources["source"]
     assert cfg.values["channels"] == ["C3", "Cz"] and cfg.sources["channels"] == "class default"
     # mutable defaults are copied
     cfg.values["channels"].append("x")
     assert declared_params(Child)["channels"].default == ["C3", "Cz"]
+
+
+def test_command_line_external_source_and_dependency_override_lower_layers(
+    tmp_path: Path,
+) -> None:
+    f = write(
+        tmp_path,
+        "ext.toml",
+        '[external_params]\nsource = "amp.rate"\n[config_sources]\namp = "a1"\n'
+        '[launch_dependencies]\namp = "a1"\n',
+    )
+    ctor = ConfigLayer.from_args("constructor argument", {"extra": 1}, {"extra": "amp.x"})
+    (cli,) = parse_overrides(
+        ["-f", str(f), "-e", "extra", "other.y", "-c", "amp", "a2", "-d", "amp", "a3"]
+    ).values()
+    cfg = build_config(decls(), "me", [ctor, *cli.layers()])
+    assert str(cfg.external["source"]) == "a2.rate"  # -c beats the file's binding
+    assert str(cfg.external["extra"]) == "other.y"  # -e beats the constructor's
+    assert cfg.launch_dependencies == {"amp": "a3"}
+    assert "command line" in cfg.sources["extra"]
+    (cli,) = parse_overrides(["-p", "source", "8"]).values()
+    cfg = build_config(decls(), "me", [load_config_file(f), *cli.layers()])
+    assert cfg.values["source"] == 8 and "source" not in cfg.external  # -p beats a file's -e
 
 
 def test_local_and_external_override_each_other() -> None:
@@ -406,14 +435,16 @@ def test_parse_overrides_all_options() -> None:
         ]
     )
     assert got == {
-        "config_files": ["a.toml", "b.toml"],
-        "local_params": {
-            "rate": Text("13", "command line -p rate"),
-            "name": Text("x y", "command line -p name"),
-        },
-        "external_params": {"source": "amp.sampling_rate"},
-        "config_sources": {"amp": "amplifier"},
-        "launch_dependencies": {"amp": "amplifier"},
+        "config_overrides": Overrides(
+            ("a.toml", "b.toml"),
+            local_params={
+                "rate": Text("13", "command line -p rate"),
+                "name": Text("x y", "command line -p name"),
+            },
+            external_params={"source": "amp.sampling_rate"},
+            config_sources={"amp": "amplifier"},
+            launch_dependencies={"amp": "amplifier"},
+        )
     }
 
 
@@ -438,13 +469,13 @@ def test_command_line_values_get_the_declared_type() -> None:
     kw = parse_overrides(
         ["-p", "rate", "12", "-p", "channels", '["O1", "O2"]', "-p", "source", "1"]
     )
-    cfg = build_config(decls(), "me", [ConfigLayer.from_args("ctor", kw["local_params"])])
+    cfg = build_config(decls(), "me", kw["config_overrides"].layers())
     assert cfg.values["rate"] == 12 and cfg.values["channels"] == ["O1", "O2"]
     kw = parse_overrides(["-p", "rate", "abc", "-p", "source", "1"])
     with pytest.raises(
         ParamTypeError, match=r"'rate' \(command line -p rate\): 'abc' is not an int"
     ):
-        build_config(decls(), "me", [ConfigLayer.from_args("ctor", kw["local_params"])])
+        build_config(decls(), "me", kw["config_overrides"].layers())
 
 
 def test_merge_overrides() -> None:
@@ -458,6 +489,19 @@ def test_merge_overrides() -> None:
         "local_params": {"x": 3, "y": 2},
         "launch_dependencies": {"p": "p", "q": "q2"},
         "autostart": False,
+    }
+    merged = merge_overrides(
+        parse_overrides(["-p", "x", "1", "-f", "a", "-c", "s", "p1"]),
+        parse_overrides(["-p", "x", "2", "-f", "b", "-d", "d", "p2"]),
+    )
+    assert merged == {
+        "config_overrides": Overrides(
+            ("a", "b"),
+            {"x": Text("2", "command line -p x")},
+            {},
+            {"s": "p1"},
+            {"d": "p2"},
+        )
     }
 
 
