@@ -21,9 +21,9 @@ from typing import Any
 import trio
 
 from .broker import Broker
-from .config import ConfiguredPeer
+from .config import ConfiguredPeer, ConfigServer
 from .errors import PeerkitError
-from .experiment import ExperimentError, import_class, load_experiment
+from .experiment import CONFIG_SERVER_ID, ExperimentError, import_class, load_experiment
 from .launch import LOG_FORMAT, Launcher
 from .messages import CONTROL_ACTIONS, OkMsg, PeerControlMessage
 from .params import ConfigError, merge_overrides, parse_overrides
@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "broker",
         help="serve a broker until Ctrl-C",
-        description="Serve a peerkit broker until Ctrl-C or SIGTERM (then shut down cleanly: "
-        "every peer is told). The first line printed is 'peerkit broker listening on URL'.",
+        description="Serve a peerkit broker, and a config server (peer id 'config_server') "
+        "for ConfiguredPeer classes, until Ctrl-C or SIGTERM (then shut down cleanly: every "
+        "peer is told). The first line printed is 'peerkit broker listening on URL'.",
         allow_abbrev=False,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
@@ -88,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("PEERKIT_TOKEN"),
         help="shared secret peers must present; required to bind beyond loopback "
         "(default: $PEERKIT_TOKEN)",
+    )
+    p.add_argument(
+        "--no-config-server",
+        action="store_true",
+        help="do not run the config server (ConfiguredPeers then wait for another one)",
     )
     _log_option(p, "WARNING")
 
@@ -230,20 +236,28 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     except PeerkitError as exc:
         raise _UsageError(str(exc)) from None
     try:
-        trio.run(_serve_broker, broker)
+        trio.run(_serve_broker, broker, not args.no_config_server)
     except OSError as exc:
         return _error("broker", exc)
     return 0
 
 
-async def _serve_broker(broker: Broker) -> None:
+async def _serve_broker(broker: Broker, with_config_server: bool) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(broker.run)
+            config_server: ConfigServer | None = None
+            if with_config_server:
+                config_server = ConfigServer(broker.url, CONFIG_SERVER_ID, token=broker.token)
+                await nursery.start(config_server.run)
             print(f"peerkit broker listening on {broker.url}", flush=True)
+            if config_server is not None:
+                print(f"config server: peer {CONFIG_SERVER_ID!r}", flush=True)
             async for signum in signals:
                 print(f"{signal.Signals(signum).name} received, shutting down", flush=True)
                 break
+            if config_server is not None:
+                await config_server.async_shutdown()
             await broker.shutdown()
             nursery.cancel_scope.cancel()
 

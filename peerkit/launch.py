@@ -20,14 +20,15 @@ A failure is a peer process that exits with a non-zero status or is killed (even
 (published by a dying peer, or by the broker for a peer whose connection was lost). An
 essential peer's failure stops the experiment with exit status 1; a non-essential one is
 reported and the rest go on.
+
+This module orchestrates; what is about one peer (its :class:`PeerRecord`, its command line
+and environment, the run directory's log files) lives in :mod:`peerkit._launch_peers`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import datetime
-import json
 import logging
 import os
 import signal
@@ -37,90 +38,38 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-import attrs
 import trio
 
+from ._launch_peers import (
+    LOG_FORMAT,
+    RUN_DIR_ENV,
+    PeerRecord,
+    RunDirHandler,
+    current_run_dir,
+    kill_process_group,
+    log_target,
+    peer_command,
+    peer_environment,
+    run_dir_var,
+    tail,
+)
 from ._status import LogView, PeerRow, StatusView, TerminalView
 from .broker import Broker
 from .config import ConfigServer
 from .errors import PeerkitError, QueryAnswerUnknown
-from .experiment import CONFIG_SERVER_ID, LAUNCHER_ID, Experiment, PeerSpec
+from .experiment import CONFIG_SERVER_ID, LAUNCHER_ID, Experiment
 from .messages import PanickMsg, PeerControlMessage
 from .peer import Peer
 
-__all__ = ["RUN_DIR_ENV", "Launcher", "PeerRecord", "current_run_dir"]
+__all__ = ["LOG_FORMAT", "RUN_DIR_ENV", "Launcher", "PeerRecord", "current_run_dir"]
 
 log = logging.getLogger("peerkit.launch")
 
-#: Environment variable giving launched peer processes the run directory.
-RUN_DIR_ENV = "PEERKIT_RUN_DIR"
-
-_run_dir_var: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
-    "peerkit_run_dir", default=None
-)
-_log_target: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "peerkit_log_target", default=None
-)
-
-_READY_STATES = frozenset({"ready", "running"})
 _LIVE_STATES = frozenset({"connected", "ready", "running", "shutting_down"})
 #: seconds between looks at the broker while peers come up, and once they run
 _FAST_POLL = 0.05
 _RATE_WINDOW = 1.0
 _KILL_WAIT = 5.0
-
-
-def current_run_dir() -> Path | None:
-    """The run directory of the experiment this code was launched in, or None.
-
-    Peers use it for their output files: in a launched subprocess it comes from the
-    ``PEERKIT_RUN_DIR`` environment variable, in an in-process peer from the launcher.
-    """
-    value = _run_dir_var.get()
-    if value is not None:
-        return value
-    env = os.environ.get(RUN_DIR_ENV)
-    return Path(env) if env else None
-
-
-@attrs.define(eq=False)
-class PeerRecord:
-    """What the launcher knows about one peer (read it; the launcher updates it)."""
-
-    spec: PeerSpec
-    log_path: Path
-    #: pending, starting, connected, ready, running, shutting_down, disconnected,
-    #: finished, failed, killed
-    state: str = "pending"
-    pid: int | None = None
-    returncode: int | None = None
-    error: str = ""
-    failed: bool = False
-    #: the launcher asked it to stop (or killed it)
-    stopping: bool = False
-    killed: bool = False
-    exited: trio.Event = attrs.field(factory=trio.Event)
-    #: the peer object (in-process peers) or the process running it
-    peer: Peer | None = None
-    process: trio.Process | None = None
-    #: cancels an in-process peer's task (its last resort)
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    rate_in: float = 0.0
-    rate_out: float = 0.0
-    dropped: int = 0
-    _sample: tuple[float, int, int] | None = None
-
-    @property
-    def peer_id(self) -> str:
-        return self.spec.peer_id
-
-    @property
-    def is_ready(self) -> bool:
-        return self.state in _READY_STATES
-
-    @property
-    def has_exited(self) -> bool:
-        return self.exited.is_set()
 
 
 class Launcher:
@@ -238,7 +187,7 @@ class Launcher:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._t0 = trio.current_time()
         self._event(f"run directory: {self.run_dir}")
-        token = _run_dir_var.set(self.run_dir)
+        token = run_dir_var.set(self.run_dir)
         try:
             with self._logging():
                 log.info("launching %s", self.experiment.path or self.experiment.name)
@@ -252,7 +201,7 @@ class Launcher:
                     self._render()
                     self.view.close()
         finally:
-            _run_dir_var.reset(token)
+            run_dir_var.reset(token)
         self.exit_status = 0 if self.failure is None else 1
         self._summary()
         return self.exit_status
@@ -353,9 +302,9 @@ class Launcher:
             return f"(exited): {rec.error or rec.state}"
         if rec.state in ("pending", "starting"):
             where = f"process {rec.pid}" if rec.pid else "the peer"
-            tail = _tail(rec.log_path, 1)
+            last = tail(rec.log_path, 1)
             return f"({rec.state}): {where} has not connected to the broker" + (
-                f" (last log line: {tail[0]})" if tail else ""
+                f" (last log line: {last[0]})" if last else ""
             )
         reason = ""
         cs = self._config_server
@@ -366,45 +315,15 @@ class Launcher:
         return f"({rec.state})" + (f": {reason}" if reason else "")
 
     # ------------------------------------------------------------------ children
+    def _command(self, rec: PeerRecord) -> list[str]:
+        assert self.broker_url is not None
+        return peer_command(self.python, rec, self.broker_url, self.run_dir, self._peer_kwargs(rec))
+
     def _peer_kwargs(self, rec: PeerRecord) -> dict[str, Any]:
         kwargs = rec.spec.config_kwargs()
         if rec.spec.configured:
             kwargs["config_timeout"] = self.ready_timeout
         return kwargs
-
-    def _command(self, rec: PeerRecord) -> list[str]:
-        assert self.broker_url is not None
-        args_file = self.run_dir / f"{rec.peer_id}.args.json"
-        args_file.write_text(json.dumps(self._peer_kwargs(rec), indent=2) + "\n")
-        cmd = [
-            self.python,
-            "-m",
-            "peerkit",
-            "run",
-            rec.spec.class_path,
-            "--broker",
-            self.broker_url,
-            "--id",
-            rec.peer_id,
-            "--no-autostart",
-            "--args-file",
-            str(args_file),
-        ]
-        if not rec.spec.essential:
-            cmd.append("--non-essential")
-        return cmd
-
-    def _environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        paths = [str(self.experiment.directory)]
-        if env.get("PYTHONPATH"):
-            paths.append(env["PYTHONPATH"])
-        env["PYTHONPATH"] = os.pathsep.join(paths)
-        env[RUN_DIR_ENV] = str(self.run_dir)
-        env["PYTHONUNBUFFERED"] = "1"
-        if self.token is not None:
-            env["PEERKIT_TOKEN"] = self.token
-        return env
 
     async def _run_process(
         self, rec: PeerRecord, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -418,7 +337,7 @@ class Launcher:
                     stdout=logfile,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # its own process group: killed as a whole
-                    env=self._environment(),
+                    env=peer_environment(self.experiment.directory, self.run_dir, self.token),
                 )
         except OSError as exc:
             task_status.started()
@@ -437,9 +356,9 @@ class Launcher:
             with trio.CancelScope(shield=True):
                 if process.returncode is None:
                     rec.killed = True
-                    _killpg(process.pid)
+                    kill_process_group(process.pid)
                     await process.wait()
-                _killpg(process.pid)  # whatever it left behind in its group
+                kill_process_group(process.pid)  # whatever it left behind in its group
                 self._pgids.discard(process.pid)
                 if code is None:  # cancelled: the launcher itself is going away
                     rec.returncode = process.returncode
@@ -458,15 +377,15 @@ class Launcher:
             else:
                 self._peer_failed(rec, f"killed by {name}")
         else:
-            tail = _tail(rec.log_path, 1)
-            self._peer_failed(rec, f"exited with status {code}" + (f": {tail[0]}" if tail else ""))
+            last = tail(rec.log_path, 1)
+            self._peer_failed(rec, f"exited with status {code}" + (f": {last[0]}" if last else ""))
         self._exited(rec)
 
     async def _run_inprocess(
         self, rec: PeerRecord, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         assert self.broker_url is not None
-        _log_target.set(rec.peer_id)
+        log_target.set(rec.peer_id)
         rec.state = "starting"
         error: BaseException | None = None
         task_status.started()
@@ -523,14 +442,14 @@ class Launcher:
                 self._fail(f"essential peer {rec.peer_id!r} did not stop within {grace:g} s")
         rec.killed = True
         if rec.process is not None:
-            _killpg(rec.process.pid)
+            kill_process_group(rec.process.pid)
         rec.scope.cancel(reason="killed by the launcher")
         with trio.move_on_after(_KILL_WAIT):
             await rec.exited.wait()
 
     def _kill_process_groups(self) -> None:
         for pgid in list(self._pgids):
-            _killpg(pgid)
+            kill_process_group(pgid)
 
     async def _watch_signals(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -683,7 +602,7 @@ class Launcher:
 
     @contextlib.contextmanager
     def _logging(self) -> Iterator[None]:
-        handler = _RunDirHandler(self.run_dir)
+        handler = RunDirHandler(self.run_dir)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root = logging.getLogger()
         old_level = root.level
@@ -705,7 +624,7 @@ class Launcher:
             code = "" if rec.returncode is None else f" (exit {rec.returncode})"
             error = f": {rec.error}" if rec.error and rec.state != "finished" else ""
             out.write(f"  {rec.peer_id.ljust(width)}  {rec.state}{code}{error}\n")
-            for line in _tail(rec.log_path, self.tail):
+            for line in tail(rec.log_path, self.tail):
                 out.write(f"  {' ' * width}  | {line}\n")
         if self.failure is not None:
             out.write(f"FAILED: {self.failure}\n")
@@ -713,61 +632,8 @@ class Launcher:
         out.flush()
 
 
-#: Format of the log lines the launcher and ``peerkit run`` write.
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-
-
-class _RunDirHandler(logging.Handler):
-    """Writes each record to ``<run dir>/<peer>.log`` for in-process peers (by context),
-    everything else to ``<run dir>/launcher.log``."""
-
-    def __init__(self, run_dir: Path) -> None:
-        super().__init__()
-        self.run_dir = run_dir
-        self._files: dict[str, TextIO] = {}
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            name = _log_target.get() or "launcher"
-            stream = self._files.get(name)
-            if stream is None:
-                stream = (self.run_dir / f"{name}.log").open("a", encoding="utf-8")
-                self._files[name] = stream
-            stream.write(self.format(record) + "\n")
-            stream.flush()
-        except Exception:
-            self.handleError(record)
-
-    def close(self) -> None:
-        for stream in self._files.values():
-            stream.close()
-        self._files.clear()
-        super().close()
-
-
 def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
     out: list[BaseException] = []
     for exc in group.exceptions:
         out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
     return out
-
-
-def _killpg(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-def _tail(path: Path, count: int) -> list[str]:
-    """The last ``count`` non-empty lines of a text file (nothing if it does not exist)."""
-    if count <= 0:
-        return []
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(size - 64 * 1024, 0))
-            data = f.read()
-    except OSError:
-        return []
-    lines = [line for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
-    return lines[-count:]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 from launchhelpers import write_experiment
+from launchpeers import Ticker
 
 from peerkit import Broker, ConfigServer, Peer
 from peerkit.cli import main
@@ -156,9 +157,11 @@ async def test_broker_command_serves_until_sigint() -> None:
             first = output.decode().splitlines()[0]
             assert first.startswith("peerkit broker listening on ws://127.0.0.1:")
             url = first.rsplit(" ", 1)[1]
-            peer = Peer(url, "client")
+            # a configured peer gets ready: the command serves a config server too
+            peer = Ticker(url, "client", config_timeout=20)
             async with trio.open_nursery() as nursery:
                 await nursery.start(peer.run)
+                await peer.wait_for_state(lambda p: p.is_running, 20)
                 process.send_signal(signal.SIGINT)
                 await peer.wait_finished()  # told by BrokerShutdownMsg
             assert peer.error is None

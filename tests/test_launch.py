@@ -19,6 +19,7 @@ from launchhelpers import alive, write_experiment
 from launchpeers import Sleeper, Tick
 
 from peerkit import Peer
+from peerkit._status import LogView, PeerRow, TerminalView, format_table
 from peerkit.experiment import load_experiment
 from peerkit.launch import Launcher, PeerRecord, current_run_dir
 
@@ -271,10 +272,14 @@ async def test_peers_see_the_run_directory_in_both_modes(tmp_path: Path) -> None
     # the in-process peer's log lines go to its own file, not the launcher's
     assert f"here: run directory {tmp_path / 'run'}" in (tmp_path / "run/here.log").read_text()
     assert "here: run directory" not in (tmp_path / "run/launcher.log").read_text()
+    # ...and the launcher's own lines about it go to the launcher's file
+    assert "here: started in this process" in (tmp_path / "run/launcher.log").read_text()
+    assert "peerkit.launch" not in (tmp_path / "run/here.log").read_text()
     assert current_run_dir() is None
 
 
-async def test_sigint_to_the_launcher_stops_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_a_signal_to_the_launcher_stops_cleanly(tmp_path: Path, signum: int) -> None:
     path = write_experiment(tmp_path, TICK)
     cmd = [sys.executable, "-m", "peerkit", "launch", str(path), "--view", "log"]
     cmd += ["--run-dir", str(tmp_path / "run")]
@@ -292,7 +297,7 @@ async def test_sigint_to_the_launcher_stops_cleanly(tmp_path: Path) -> None:
                 output += chunk
             pids = [int(p) for p in re.findall(rb"started process (\d+)", output)]
             assert len(pids) == 2 and all(alive(pid) for pid in pids)
-            process.send_signal(signal.SIGINT)
+            process.send_signal(signum)
             async for chunk in process.stdout:
                 output += chunk
             assert await process.wait() == 0, output.decode()
@@ -303,8 +308,9 @@ async def test_sigint_to_the_launcher_stops_cleanly(tmp_path: Path) -> None:
                     os.kill(pid, signal.SIGKILL)
                 await process.wait()
     text = output.decode()
-    assert "stopping: SIGINT received" in text
+    assert f"stopping: {signal.Signals(signum).name} received" in text
     assert "exit status 0" in text
+    assert "counter: finished (exit status 0)" in text and "ticker: finished" in text
     assert not any(alive(pid) for pid in pids)
 
 
@@ -337,3 +343,78 @@ async def test_the_demo_records_without_gaps(tmp_path: Path, inprocess: bool) ->
     assert report["samples"] >= 256
     assert (tmp_path / "recording.f32").stat().st_size == report["samples"] * 32 * 4
     assert "0 gaps (0 chunks lost)" in (tmp_path / "recorder.log").read_text()
+
+
+async def test_the_status_shows_state_rates_and_last_error(tmp_path: Path) -> None:
+    text = (
+        TICK
+        + """
+        [peers.crasher]
+        class = "launchpeers:Crasher"
+        essential = false
+        mode = "inprocess"
+    """
+    )
+    with trio.fail_after(30):
+        async with launched(tmp_path, text) as run:
+            await run.wait(lambda lr: lr.peers["crasher"].failed and lr.running.is_set())
+            # the rates are measured over a second of broker counts
+            await run.wait(lambda lr: lr.peers["counter"].rate_in > 10)
+            rows = {row.peer_id: row for row in run.launcher.rows()}
+            assert rows["ticker"].state == rows["counter"].state == "running"
+            assert rows["ticker"].rate_out > 10 and rows["counter"].rate_in > 10
+            assert rows["crasher"].state == "failed" and "boom" in rows["crasher"].last_error
+            assert not rows["crasher"].essential
+            lines = format_table(list(rows.values()), width=200)
+            assert lines[0].split() == [
+                "PEER",
+                "PID",
+                "STATE",
+                "IN/s",
+                "OUT/s",
+                "DROPPED",
+                "LAST",
+                "ERROR",
+            ]
+            crasher_line = next(line for line in lines if line.startswith("crasher (n/e)"))
+            assert "failed" in crasher_line and "boom" in crasher_line
+
+
+def test_terminal_view_redraws_in_place_and_log_view_prints_lines() -> None:
+    rows = [
+        PeerRow("amp", "running", pid=12, rate_in=1.0, rate_out=16.0),
+        PeerRow("rec", "failed", rate_in=16.0, essential=False, last_error="OSError: disk full"),
+    ]
+    out = io.StringIO()
+    view = TerminalView(out)
+    view.update(1.0, "demo: running", rows)
+    view.event(1.5, "rec: FAILED")
+    view.update(2.0, "demo: running", rows)
+    view.close()
+    text = out.getvalue()
+    # the 5-line block (blank, title, header, 2 rows) is erased before each redraw
+    assert text.count("\x1b[5F\x1b[J") == 2
+    assert "[    1.5s] rec: FAILED\n" in text
+    amp = next(line for line in text.splitlines() if line.startswith("amp "))
+    assert amp.split() == ["amp", "12", "running", "1.0", "16", "0"]
+    assert "rec (n/e)" in text and "OSError: disk full" in text
+
+    out = io.StringIO()
+    log_view = LogView(out, summary_interval=1.0)
+    log_view.update(0.0, "demo", rows)  # the first summary comes one interval later
+    log_view.update(1.0, "demo", rows)
+    assert "\x1b" not in out.getvalue()
+    assert out.getvalue() == (
+        "[    1.0s] status: amp running in 1.0/s out 16/s; rec failed in 16/s out 0/s\n"
+    )
+
+
+def test_the_view_degrades_to_log_lines_when_not_a_terminal(tmp_path: Path) -> None:
+    exp = load_experiment(write_experiment(tmp_path, TICK))
+    assert isinstance(Launcher(exp, out=io.StringIO()).view, LogView)
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(Launcher(exp, out=Tty()).view, TerminalView)
