@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from .broker import Broker
-from .config import ConfiguredPeer, ConfigServer
+from .config import ConfigServer, ConfiguredPeer
 from .errors import PeerkitError
 from .experiment import CONFIG_SERVER_ID, ExperimentError, import_class, load_experiment
 from .launch import LOG_FORMAT, Launcher
