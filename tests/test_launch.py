@@ -359,7 +359,10 @@ async def test_the_status_shows_state_rates_and_last_error(tmp_path: Path) -> No
         async with launched(tmp_path, text) as run:
             await run.wait(lambda lr: lr.peers["crasher"].failed and lr.running.is_set())
             # the rates are measured over a second of broker counts
-            await run.wait(lambda lr: lr.peers["counter"].rate_in > 10)
+            # the rates are sampled at their own pace: wait until both show traffic
+            await run.wait(
+                lambda lr: lr.peers["counter"].rate_in > 10 and lr.peers["ticker"].rate_out > 10
+            )
             rows = {row.peer_id: row for row in run.launcher.rows()}
             assert rows["ticker"].state == rows["counter"].state == "running"
             assert rows["ticker"].rate_out > 10 and rows["counter"].rate_in > 10
