@@ -13,8 +13,7 @@ import hmac
 import math
 import ssl
 from collections.abc import Callable
-from types import TracebackType
-from typing import Any, Literal
+from typing import Literal
 
 import trio
 import trio_websocket
@@ -32,7 +31,7 @@ from ._broker_conn import (
     log,
 )
 from ._broker_dispatch import BrokerDispatch
-from ._util import raise_single
+from ._util import OwnNursery, raise_single
 from ._wsconf import MAX_BATCH, batch_limit, ws_max_frame
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, control, pack_envelope
 from .errors import (
@@ -56,7 +55,7 @@ from .routing import RoutingTable
 __all__ = ["BROKER_ID", "Broker"]
 
 
-class Broker(BrokerDispatch):
+class Broker(BrokerDispatch, OwnNursery):
     """Routes typed messages and queries between peers over WebSocket.
 
     ``await nursery.start(broker.run)`` returns once the broker listens; ``broker.url`` is
@@ -146,7 +145,6 @@ class Broker(BrokerDispatch):
         self._all_gone = trio.Event()
         self._all_gone.set()
         self._finished = trio.Event()
-        self._cm_nursery: Any = None
         #: Called (sync) with ``(peer_id, reason)`` whenever a peer leaves; for embedders.
         self.on_peer_left: Callable[[str, str], None] | None = None
 
@@ -234,34 +232,8 @@ class Broker(BrokerDispatch):
             with trio.move_on_after(self.grace_period + 5.0):
                 await self._finished.wait()
 
-    async def __aenter__(self) -> Broker:
-        mgr = trio.open_nursery()
-        nursery = await mgr.__aenter__()
-        self._cm_nursery = mgr
-        try:
-            await nursery.start(self.run)
-        except BaseException as exc:
-            try:
-                await mgr.__aexit__(type(exc), exc, exc.__traceback__)
-            except BaseExceptionGroup as group:
-                raise_single(group)
-                raise
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        mgr, self._cm_nursery = self._cm_nursery, None
+    def _end_of_block(self) -> None:
         self._shutdown_requested.set()
-        try:
-            return await mgr.__aexit__(exc_type, exc, tb)  # type: ignore[no-any-return]
-        except BaseExceptionGroup as group:
-            raise_single(group)
-            raise
 
     # ---------------------------------------------------------------- shutdown
     async def _shutdown_peers(self) -> None:

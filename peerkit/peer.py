@@ -7,7 +7,6 @@ import logging
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Any, TypeVar
 
 import trio
@@ -16,7 +15,7 @@ import trio_websocket
 from . import codec
 from ._peer_base import _PUB, _check_seconds, _Pending, _Sub
 from ._peer_messaging import PeerMessaging
-from ._util import raise_single
+from ._util import OwnNursery, raise_single
 from .codec import Envelope, control, pack_envelope
 from .errors import (
     BrokerLostError,
@@ -77,7 +76,7 @@ def query_handler(msg_type: type[Message], *, policy: str = "exclusive") -> Call
     return deco
 
 
-class Peer(PeerMessaging):
+class Peer(PeerMessaging, OwnNursery):
     """A peer: one trio nursery, a strict lifecycle and typed messaging through a broker.
 
     ``await nursery.start(peer.run)`` returns once the peer is connected; ``run()`` returns
@@ -197,7 +196,6 @@ class Peer(PeerMessaging):
         self._stop_on_shutdown = False
         self._reported_started = False
         self._start_requested = False
-        self._cm_nursery: Any = None
 
         self._ws: trio_websocket.WebSocketConnection | None = None
         self._link_ok = False
@@ -576,32 +574,5 @@ class Peer(PeerMessaging):
             await self.async_shutdown()
 
     # ====================================================== context manager
-    async def __aenter__(self) -> Peer:
-        mgr = trio.open_nursery()
-        nursery = await mgr.__aenter__()
-        self._cm_nursery = mgr
-        try:
-            await nursery.start(self.run)
-        except BaseException as exc:
-            self._cm_nursery = None
-            try:
-                await mgr.__aexit__(type(exc), exc, exc.__traceback__)
-            except BaseExceptionGroup as group:
-                raise_single(group)
-                raise
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        mgr, self._cm_nursery = self._cm_nursery, None
+    def _end_of_block(self) -> None:
         self._request_shutdown("the `async with peer` block ended")
-        try:
-            return await mgr.__aexit__(exc_type, exc, tb)  # type: ignore[no-any-return]
-        except BaseExceptionGroup as group:
-            raise_single(group)
-            raise
