@@ -228,6 +228,42 @@ def encode_body(msg: Message, max_size: int | None = None) -> bytes:
     return data
 
 
+_SCALAR_TYPES = frozenset({int, float, str, bool, bytes})
+
+
+def _scalar_structure(cls: type[Message]) -> Callable[[Any, Any], Any] | None:
+    """A plain-Python structuring function for messages whose fields are all scalars.
+
+    Same rules as the converter (exact types, an int accepted for a float, no unknown or
+    missing fields), without cattrs' per-field machinery. None if the class does not qualify.
+    """
+    try:
+        fields = attrs.fields(attrs.resolve_types(cls))
+    except Exception:
+        return None
+    if any(f.validator or f.converter or f.type not in _SCALAR_TYPES for f in fields):
+        return None
+    names = frozenset(f.name for f in fields)
+    required = frozenset(f.name for f in fields if f.default is attrs.NOTHING)
+    checks = tuple((f.name, f.type) for f in fields if f.name != "sender")
+
+    def structure(data: dict[str, Any], _cls: object) -> Any:
+        keys = data.keys()
+        if not (keys <= names and required <= keys):
+            raise TypeError("unknown or missing fields")
+        for name, typ in checks:
+            if name in data:
+                value = data[name]
+                if type(value) is not typ:
+                    if typ is float and type(value) is int:
+                        data[name] = float(value)
+                    else:
+                        raise TypeError(f"{name}: expected {typ}")
+        return cls(**data)
+
+    return structure
+
+
 def _what(cls: type[Message], sender: str) -> str:
     return f"{cls.__message_type__!r}" + (f" from {sender!r}" if sender else "")
 
@@ -246,7 +282,7 @@ def decode_body(cls: type[Message], body: bytes, sender: str = "") -> Message:
     try:
         fast = _STRUCTURE[cls]
     except KeyError:
-        fast = _STRUCTURE[cls] = _fast_converter.get_structure_hook(cls)
+        fast = _STRUCTURE[cls] = _scalar_structure(cls) or _fast_converter.get_structure_hook(cls)
     try:
         return fast(data, cls)  # type: ignore[no-any-return]
     except Exception:  # re-run below for a detailed report
