@@ -333,6 +333,10 @@ def pack_envelope(
     return packed
 
 
+#: builds an Envelope from the checked 6-tuple without re-reading its fields
+_new_tuple = tuple.__new__
+
+
 def _bad(why: str) -> DecodeError:
     return DecodeError(f"malformed frame: {why}")
 
@@ -363,7 +367,7 @@ def iter_envelopes(frame: bytes | bytearray) -> Iterator[Envelope]:
                 raise _bad("correlation id must be a non-negative integer")
             if type(body) is not bytes:
                 raise _bad("body must be binary")
-            yield Envelope(kind, typ, sender, corr, target, body)
+            yield _new_tuple(Envelope, item)  # the 6 fields were checked above
         # The unpacker stops quietly at an incomplete object: a truncated last envelope.
         if end != len(frame):
             raise _bad(f"truncated envelope at byte {end} of {len(frame)} (not valid msgpack)")
