@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,7 +14,7 @@ import trio
 import trio_websocket
 
 from .codec import Envelope
-from .errors import NotConnectedException, PeerkitError, ShuttingDownException
+from .errors import NotConnectedException, ShuttingDownException
 from .messages import MessagesDropped
 from .protocol import Kind, Welcome
 from .states import PeerState, StateMachine
@@ -48,18 +47,6 @@ class _Pending:
     event: trio.Event = attrs.field(factory=trio.Event)
     envelope: Envelope | None = None
     error: BaseException | None = None
-
-
-def _check_seconds(name: str, value: object, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if (
-        not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not value > 0
-        or (isinstance(value, float) and math.isnan(value))
-    ):
-        raise PeerkitError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
 class PeerBase(StateMachine):

@@ -18,7 +18,7 @@ from ._peer_base import (
     _Pending,
     log,
 )
-from ._wsconf import MAX_BATCH, RECEIVE_BUFFER, batch_limit
+from ._wsconf import RECEIVE_BUFFER, batch_limit, take_batch
 from .codec import Envelope, control, pack_envelope
 from .errors import (
     BrokerConnectError,
@@ -73,6 +73,7 @@ class PeerLink(PeerBase):
     async def _connect(self, nursery: trio.Nursery) -> None:
         deadline = trio.current_time() + self.connect_timeout
         delay = 0.05
+        last_error: BaseException | None = None
         with trio.move_on_at(deadline) as scope:
             while True:
                 try:
@@ -85,7 +86,7 @@ class PeerLink(PeerBase):
                             f"(HTTP {exc.status_code}); is it a peerkit broker?"
                         ) from exc
                     log.debug("broker at %s not reachable yet: %s", self.broker_url, exc)
-                    last_error: BaseException = exc
+                    last_error = exc
                 await trio.sleep(delay)
                 delay = min(delay * 2, 1.0)
             self._ws = ws
@@ -119,7 +120,7 @@ class PeerLink(PeerBase):
                 self._handle(env)
             return
         if scope.cancelled_caught:
-            detail = f": {last_error}" if "last_error" in locals() else ""
+            detail = f": {last_error}" if last_error is not None else ""
             raise BrokerConnectError(
                 f"could not connect to the broker at {self.broker_url} within "
                 f"{self.connect_timeout} s{detail}; is it running? (raise connect_timeout "
@@ -145,19 +146,9 @@ class PeerLink(PeerBase):
             await self._out_ready.wait()
             self._out_ready = trio.Event()
             while out:
-                if len(out) == 1:
-                    data = out.popleft()
-                    count = 1
-                else:
-                    parts: list[bytes] = []
-                    size = 0
-                    while out and size < limit and len(parts) < MAX_BATCH:
-                        item = out.popleft()
-                        parts.append(item)
-                        size += len(item)
-                    data = b"".join(parts)
-                    count = len(parts)
-                await ws.send_message(data)
+                parts = take_batch(out, limit)
+                count = len(parts)
+                await ws.send_message(parts[0] if count == 1 else b"".join(parts))
                 self._sent += count
                 self.msgs_out += count
                 self._progress.unpark_all()
@@ -184,26 +175,11 @@ class PeerLink(PeerBase):
                 raise BrokerLostError(
                     f"no word from the broker at {self.broker_url} for {timeout} s"
                 )
-            inbox = self._inbox
-            limit = self.receive_queue_size
-            delivered = 0
             try:
                 for env in codec.iter_envelopes(frame):  # type: ignore[arg-type]
-                    # the hot path, inline: a published message for the handlers
-                    if env.kind == _PUB and self._can_send:
-                        self.msgs_in += 1
-                        if len(inbox) < limit:
-                            inbox.append(env)
-                            delivered += 1
-                        else:
-                            self.dropped_messages += 1
-                            self._local_drops += 1
-                    else:
-                        self._handle(env)
+                    self._handle(env)
             except DecodeError as exc:
                 log.error("peer %r: bad frame from the broker: %s", self.peer_id, exc)
-            if delivered:
-                self._inbox_ready.set()
             if self._local_drops:
                 count, self._local_drops = self._local_drops, 0
                 self._messages_dropped(count)
@@ -212,9 +188,8 @@ class PeerLink(PeerBase):
         kind = env.kind
         if kind == _PUB:
             self.msgs_in += 1
-            if self.is_shutting_down:
-                return
-            self._deliver(env)
+            if self._can_send or not self.is_shutting_down:  # the flag: the cheap test first
+                self._deliver(env)
         elif kind in (Kind.ACK, Kind.NACK, Kind.REPLY, Kind.QERR):
             pending = self._pending.get(env.corr)
             if pending is not None:

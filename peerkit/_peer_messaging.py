@@ -11,7 +11,8 @@ from typing import Any, TypeVar
 import trio
 
 from . import codec
-from ._peer_base import _PUB, _YIELD_EVERY, Handler, _check_seconds, _Pending, _Sub, log
+from ._checks import check_seconds
+from ._peer_base import _PUB, _YIELD_EVERY, Handler, _Pending, _Sub, log
 from ._peer_link import PeerLink
 from .codec import Envelope, control, pack_envelope
 from .errors import (
@@ -46,41 +47,30 @@ class PeerMessaging(PeerLink):
                 await ready.wait()
                 continue
             all_subs = self._subs
-            decode = codec.decode_message
             for _ in range(len(inbox)):
                 env = inbox.popleft()
                 subs = all_subs.get(env.type)
                 if not subs:
                     continue
+                try:
+                    msg = codec.decode_message(env.type, env.body, env.sender)
+                except DecodeError as exc:
+                    self.decode_errors += 1
+                    log.error("peer %r: dropped an undecodable message: %s", self.peer_id, exc)
+                    continue
                 first = subs[0]
                 if len(subs) == 1 and first.handler is not None and first.sender is None:
                     # the common case without a coroutine per message: one handler
-                    try:
-                        msg = decode(env.type, env.body, env.sender)
-                    except DecodeError as exc:
-                        self._undecodable(exc)
-                        continue
                     result = first.handler(msg)
                     if result is not None and inspect.isawaitable(result):
                         await result
                 else:
-                    await self._dispatch_one(subs, env.type, env.sender, env.body)
+                    await self._dispatch_one(subs, msg)
             await trio.lowlevel.checkpoint()
 
-    def _undecodable(self, exc: DecodeError) -> None:
-        self.decode_errors += 1
-        log.error("peer %r: dropped an undecodable message: %s", self.peer_id, exc)
-
-    async def _dispatch_one(
-        self, subs: list[_Sub], msg_type: str, sender: str, body: bytes
-    ) -> None:
-        try:
-            msg = codec.decode_message(msg_type, body, sender)
-        except DecodeError as exc:
-            self._undecodable(exc)
-            return
+    async def _dispatch_one(self, subs: list[_Sub], msg: Message) -> None:
         for sub in tuple(subs) if len(subs) > 1 else subs:
-            if sub.sender is not None and sub.sender != sender:
+            if sub.sender is not None and sub.sender != msg.sender:
                 continue
             if sub.channel is not None:
                 try:
@@ -117,9 +107,7 @@ class PeerMessaging(PeerLink):
             self._require_connected("send_message")
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
-        out.append(data)
-        self._enqueued += 1
-        self._out_ready.set()
+        self._push(data)
         if len(out) >= _YIELD_EVERY:
             # let the writer batch what is queued; a lone message goes out at the caller's
             # next yield (at once, in practice)
@@ -298,7 +286,7 @@ class PeerMessaging(PeerLink):
             self._require_connected("query")
         if timeout is None:
             timeout = self.query_timeout
-        _check_seconds("timeout", timeout)
+        check_seconds("timeout", timeout)
         type_name = msg.message_type()
         body = codec.encode_body(msg, self._max_message_size)
         env = await self._roundtrip(

@@ -31,8 +31,9 @@ from ._broker_conn import (
     log,
 )
 from ._broker_dispatch import BrokerDispatch
+from ._checks import check_positive_int, check_seconds
 from ._util import OwnNursery, raise_single
-from ._wsconf import MAX_BATCH, batch_limit, ws_max_frame
+from ._wsconf import batch_limit, take_batch, ws_max_frame
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, control, pack_envelope
 from .errors import (
     DecodeError,
@@ -107,16 +108,14 @@ class Broker(BrokerDispatch, OwnNursery):
             ("max_peers", max_peers),
             ("send_queue_size", send_queue_size),
         ):
-            if not isinstance(value, int) or value < 1:
-                raise PeerkitError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, value)
         for name, fvalue in (
             ("handshake_timeout", handshake_timeout),
             ("heartbeat_interval", heartbeat_interval),
             ("heartbeat_timeout", heartbeat_timeout),
             ("grace_period", grace_period),
         ):
-            if not isinstance(fvalue, int | float) or not fvalue > 0 or math.isinf(fvalue):
-                raise PeerkitError(f"{name} must be a positive number of seconds, got {fvalue!r}")
+            check_seconds(name, fvalue)
         if heartbeat_timeout <= heartbeat_interval:
             raise PeerkitError(
                 "heartbeat_timeout must be longer than heartbeat_interval "
@@ -422,14 +421,10 @@ class Broker(BrokerDispatch, OwnNursery):
             conn.wakeup = trio.Event()
             while out or conn.dropped_pending:
                 parts: list[bytes] = []
-                if conn.dropped_pending:
+                if conn.dropped_pending:  # the loss report leads the next frame
                     parts.append(control(Kind.DROPPED, MessagesDropped(count=conn.dropped_pending)))
                     conn.dropped_pending = 0
-                size = 0
-                while out and size < limit and len(parts) < MAX_BATCH:
-                    item = out.popleft()
-                    parts.append(item)
-                    size += len(item)
+                take_batch(out, limit, parts)
                 conn.msgs_out += len(parts)
                 await ws.send_message(b"".join(parts))
                 conn.last_sent = trio.current_time()

@@ -33,6 +33,7 @@ from typing import Any
 
 import trio
 
+from ._checks import check_seconds
 from .config_messages import (
     ConfigServerReady,
     DependenciesQuery,
@@ -142,8 +143,7 @@ class ConfiguredPeer(Peer):
         super().__init__(broker_url, peer_id, **peer_options)
         if isinstance(config_files, str | Path):
             config_files = [config_files]
-        if not isinstance(config_timeout, int | float) or not config_timeout > 0:
-            raise PeerkitError(f"config_timeout must be a positive number, got {config_timeout!r}")
+        check_seconds("config_timeout", config_timeout)
         if not isinstance(config_server, str) or not config_server:
             raise PeerkitError(f"config_server must be a peer id, got {config_server!r}")
         if config_overrides is not None and not isinstance(config_overrides, Overrides):

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import math
 import re
 import sys
 import tomllib
@@ -50,6 +49,7 @@ from typing import Any, Literal
 
 import attrs
 
+from ._checks import is_positive_seconds
 from .config import ConfiguredPeer
 from .errors import PeerkitError
 from .params import (
@@ -494,12 +494,7 @@ def _is_int(value: object) -> bool:
 
 def _seconds(table: Mapping[str, Any], key: str, default: float, problems: list[str]) -> float:
     value = table.get(key, default)
-    if (
-        not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not value > 0
-        or math.isinf(value)
-    ):
+    if not is_positive_seconds(value):
         problems.append(f"launcher.{key} must be a positive number of seconds, got {value!r}")
         return default
     return float(value)

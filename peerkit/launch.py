@@ -40,6 +40,7 @@ from typing import Any, TextIO
 
 import trio
 
+from ._checks import check_seconds
 from ._launch_peers import (
     LOG_FORMAT,
     RUN_DIR_ENV,
@@ -110,8 +111,8 @@ class Launcher:
             ("ready_timeout", ready_timeout),
             ("grace_period", grace_period),
         ):
-            if value is not None and not value > 0:
-                raise PeerkitError(f"{name} must be a positive number of seconds, got {value!r}")
+            if value is not None:
+                check_seconds(name, value)
         self.experiment = experiment
         self.duration = duration
         self.inprocess = inprocess

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import logging
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable
@@ -13,7 +12,8 @@ import trio
 import trio_websocket
 
 from . import codec
-from ._peer_base import _PUB, _check_seconds, _Pending, _Sub
+from ._checks import check_positive_int, check_seconds
+from ._peer_base import _PUB, Handler, _Pending, _Sub, log
 from ._peer_messaging import PeerMessaging
 from ._util import OwnNursery, raise_single
 from .codec import Envelope, control, pack_envelope
@@ -40,12 +40,8 @@ from .states import PeerState
 
 __all__ = ["Peer", "query_handler", "subscribe"]
 
-log = logging.getLogger("peerkit.peer")
-
 M = TypeVar("M", bound=Message)
 F = TypeVar("F", bound=Callable[..., Any])
-Handler = Callable[[Any], Any]
-
 # ------------------------------------------------------------------ decorators
 
 
@@ -152,14 +148,13 @@ class Peer(PeerMessaging, OwnNursery):
             ("send_timeout", send_timeout),
             ("grace_period", grace_period),
         ):
-            _check_seconds(name, value)
+            check_seconds(name, value)
         for name, ivalue in (
             ("send_queue_size", send_queue_size),
             ("receive_queue_size", receive_queue_size),
             ("max_concurrent_queries", max_concurrent_queries),
         ):
-            if not isinstance(ivalue, int) or isinstance(ivalue, bool) or ivalue < 1:
-                raise PeerkitError(f"{name} must be a positive integer, got {ivalue!r}")
+            check_positive_int(name, ivalue)
         self.broker_url = broker_url
         self.peer_id = peer_id
         self.autostart = autostart
@@ -444,9 +439,8 @@ class Peer(PeerMessaging, OwnNursery):
         except (PeerkitError, OSError, trio.TooSlowError) as exc:
             self._fail(exc)
             return
-        self._state = PeerState.connected
         self._link_ok = True
-        self._push(control(Kind.STATE, PeerStateReport(state="connected")))
+        self._state = PeerState.connected  # reported to the broker by _state_changed
         sysn.start_soon(self._sys_guarded, self._reader)
         sysn.start_soon(self._sys_guarded, self._writer)
         sysn.start_soon(self._sys_guarded, self._heartbeat)
@@ -533,10 +527,6 @@ class Peer(PeerMessaging, OwnNursery):
             await self._subscribe(msg_type, sender, getattr(self, name))
         for name, msg_type, policy in self._declared_queries:
             await self.register_query_handler(msg_type, getattr(self, name), policy=policy)
-
-    # ---------------------------------------------------------- outgoing
-
-    # ---------------------------------------------------------- incoming
 
     # ============================================================== control
     async def _on_control(self, msg: PeerControlMessage) -> None:
