@@ -355,12 +355,11 @@ class ConfiguredPeer(Peer):
             deferred, self._deferred = self._deferred, {}
             await self._apply(deferred)
 
-    async def _stop_only(self) -> bool:
-        # every running → ready goes through here (stop() and the control query alike):
-        # apply the parameter changes deferred while running
-        stopped = await super()._stop_only()
+    async def _stopped(self) -> None:
+        # after every running → ready (stop() and the control query alike): apply the
+        # parameter changes held back while running
+        await super()._stopped()
         await self._apply_deferred()
-        return stopped
 
     # ------------------------------------------------------------------ becoming ready
     async def _ask_cs(self, msg: Message) -> Message:

@@ -109,9 +109,6 @@ def message(cls: Any = None, /, *, type: str | None = None) -> Any:
     return wrap(cls)
 
 
-builtins_type = type
-
-
 def get_message_class(type_name: str) -> type[Message]:
     """The class registered under ``type_name``; :class:`UnknownMessageType` if none."""
     try:
@@ -125,12 +122,8 @@ def get_message_class(type_name: str) -> type[Message]:
 
 def message_type_of(obj: Message | type[Message]) -> str:
     """Wire type name of a message instance or class."""
-    cls = obj if isinstance(obj, builtins_type) else type_of(obj)
+    cls = obj if isinstance(obj, type) else type(obj)
     return cls.message_type()
-
-
-def type_of(obj: Message) -> type[Message]:
-    return obj.__class__
 
 
 def registered_types() -> dict[str, type[Message]]:

@@ -239,6 +239,10 @@ class Peer(PeerMessaging, OwnNursery):
         """Called once during shutdown, after the peer's tasks were cancelled and while the
         connection is still open (queries still work); bounded by ``grace_period``."""
 
+    async def _stopped(self) -> None:
+        """Framework step after every running → ready (``stop()`` or a control message);
+        subclasses extend it (ConfiguredPeer applies parameter changes held back)."""
+
     async def _become_ready(self) -> None:
         """Everything between connected and ready; subclasses extend it (ConfiguredPeer)."""
         await self._connections_established()
@@ -334,8 +338,10 @@ class Peer(PeerMessaging, OwnNursery):
             if not self.is_running:
                 return False
             await self._stop()
-            if not self.is_shutting_down:
-                self._state = PeerState.ready
+            if self.is_shutting_down:
+                return True
+            self._state = PeerState.ready
+        await self._stopped()  # outside the lock: it may run user hooks
         return True
 
     async def async_shutdown(self) -> None:
