@@ -44,6 +44,7 @@ class _Conn:
         "msgs_out",
         "out",
         "peer_id",
+        "queued",
         "scope",
         "state",
         "wakeup",
@@ -54,7 +55,9 @@ class _Conn:
         self.peer_id = peer_id
         self.ws = ws
         self.limit = limit
-        self.out: collections.deque[bytes] = collections.deque()
+        #: packed envelopes with the number of published messages each carries (0: control)
+        self.out: collections.deque[tuple[bytes, int]] = collections.deque()
+        self.queued = 0  # published messages in ``out``: at most ``limit``
         self.wakeup = trio.Event()
         self.dropped_pending = 0
         self.dropped_total = 0
@@ -76,18 +79,20 @@ class _Conn:
 
     def push(self, data: bytes) -> None:
         """Queue a control envelope (never dropped: bounded by the protocol itself)."""
-        self.out.append(data)
+        self.out.append((data, 0))
         self.wakeup.set()
 
-    def push_pub(self, data: bytes) -> bool:
-        """Queue a published message; False (and counted) if the queue is full."""
-        if len(self.out) >= self.limit:
-            self.dropped_pending += 1
-            self.dropped_total += 1
-            return False
-        self.out.append(data)
+    def push_run(self, data: bytes, count: int) -> None:
+        """Queue a PUB envelope of ``count`` messages (the caller checked the room)."""
+        self.queued += count
+        self.out.append((data, count))
         self.wakeup.set()
-        return True
+
+    def lost(self, count: int) -> None:
+        """Count published messages that did not fit (reported in the next frame)."""
+        self.dropped_pending += count
+        self.dropped_total += count
+        self.wakeup.set()
 
 
 async def _serve(

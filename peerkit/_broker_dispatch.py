@@ -36,10 +36,14 @@ class BrokerDispatch:
     def _dispatch(self, conn: _Conn, env: Envelope) -> None:
         kind = env.kind
         if kind == _PUB:
+            count = env.corr
             if len(env.body) > self.max_message_size:
                 self._refuse_too_large(conn, env)
-                return
-            self._publish(conn.peer_id, env.type, env.body)
+            elif count < 1:
+                self._error(conn, "bad_request", "a PUB envelope must carry at least 1 message")
+            else:
+                conn.msgs_in += count
+                self._publish(conn.peer_id, env.type, env.body, count)
         elif kind == Kind.HEARTBEAT:
             pass
         elif kind == Kind.QUERY:
@@ -80,23 +84,42 @@ class BrokerDispatch:
         else:
             self._error(conn, "unexpected", f"unexpected envelope kind {Kind(kind).name}")
 
-    def _publish(self, sender: str, msg_type: str, body: bytes) -> None:
+    def _publish(self, sender: str, msg_type: str, body: bytes, count: int = 1) -> None:
+        """Deliver a run of ``count`` messages (one body if 1) to the subscribers.
+
+        Each subscriber's queue takes what fits; the rest is dropped and counted.
+        """
         subscribers = self.routing.subscribers(msg_type, sender)
         if not subscribers:
             return
-        data = pack_envelope(_PUB, msg_type, sender, 0, "", body)
+        data = pack_envelope(_PUB, msg_type, sender, count, "", body)
         conns = self._conns
         for pid in subscribers:
             target = conns.get(pid)
-            if target is not None and not target.push_pub(data) and self.overflow == "disconnect":
+            if target is None:
+                continue
+            room = target.limit - target.queued
+            if count <= room:
+                target.push_run(data, count)
+                continue
+            if room > 0:
+                try:
+                    head = codec.split_run(body, room)
+                except DecodeError:
+                    room = 0
+                else:
+                    target.push_run(pack_envelope(_PUB, msg_type, sender, room, "", head), room)
+            target.lost(count - room)
+            if self.overflow == "disconnect":
                 target.kick(
                     f"its outgoing queue overflowed (send_queue_size={self.send_queue_size}): "
                     "it reads too slowly"
                 )
 
     def _refuse_too_large(self, conn: _Conn, env: Envelope) -> None:
+        what = f"message {env.type!r}" if env.corr == 1 else f"run of {env.corr} {env.type!r}"
         detail = (
-            f"message {env.type!r} is {len(env.body)} bytes, over the broker's "
+            f"{what} is {len(env.body)} bytes, over the broker's "
             f"max_message_size of {self.max_message_size} bytes; it was not delivered"
         )
         log.warning("from %r: %s", conn.peer_id, detail)

@@ -13,6 +13,7 @@ import attrs
 import trio
 import trio_websocket
 
+from ._wsconf import Outgoing
 from .codec import Envelope
 from .errors import NotConnectedException, ShuttingDownException
 from .messages import MessagesDropped
@@ -27,8 +28,10 @@ Handler = Callable[[Any], Any]
 _PEER_WS_MAX_FRAME = 256 * 1024 * 1024
 _PUB = int(Kind.PUB)
 _DROPPED_TYPE = MessagesDropped.message_type()
-#: send_message yields to the scheduler once this many envelopes wait to be written
-_YIELD_EVERY = 64
+#: send_message yields to the scheduler (and so lets the writer fill a frame) once this many
+#: messages wait to be written, or this many bytes were queued since it last yielded
+_YIELD_EVERY = 1024
+_YIELD_BYTES = 64 * 1024
 
 
 # ------------------------------------------------------------------ internals
@@ -77,10 +80,11 @@ class PeerBase(StateMachine):
     _can_send: bool
     _welcome: Welcome | None
     _max_message_size: int
-    _out: collections.deque[bytes]
+    _out: collections.deque[Outgoing]
     _out_ready: trio.Event
     _progress: trio.lowlevel.ParkingLot
     _enqueued: int
+    _unyielded: int
     _sent: int
     _next_corr: int
     _pending: dict[int, _Pending]
@@ -90,6 +94,8 @@ class PeerBase(StateMachine):
     _query_handlers: dict[str, Handler]
     _builtin_queries: dict[str, Handler]
     _inbox: collections.deque[Envelope]
+    _inbox_count: int
+    _run_left: int
     _inbox_ready: trio.Event
     _local_drops: int
     _query_send: trio.MemorySendChannel[Envelope]

@@ -18,7 +18,7 @@ from ._peer_base import (
     _Pending,
     log,
 )
-from ._wsconf import RECEIVE_BUFFER, batch_limit, take_batch
+from ._wsconf import RECEIVE_BUFFER, Outgoing, batch_limit, take_frame
 from .codec import Envelope, control, pack_envelope
 from .errors import (
     BrokerConnectError,
@@ -127,7 +127,7 @@ class PeerLink(PeerBase):
                 "to wait longer)"
             )
 
-    def _push(self, data: bytes) -> None:
+    def _push(self, data: Outgoing) -> None:
         self._out.append(data)
         self._enqueued += 1
         self._out_ready.set()
@@ -142,13 +142,13 @@ class PeerLink(PeerBase):
         ws = self._ws
         out = self._out
         limit = batch_limit(self._max_message_size)
+        run_limit = self._max_message_size
         while True:
             await self._out_ready.wait()
             self._out_ready = trio.Event()
             while out:
-                parts = take_batch(out, limit)
-                count = len(parts)
-                await ws.send_message(parts[0] if count == 1 else b"".join(parts))
+                frame, count = take_frame(out, limit, run_limit)
+                await ws.send_message(frame)
                 self._sent += count
                 self.msgs_out += count
                 self._progress.unpark_all()
@@ -187,7 +187,7 @@ class PeerLink(PeerBase):
     def _handle(self, env: Envelope) -> None:
         kind = env.kind
         if kind == _PUB:
-            self.msgs_in += 1
+            self.msgs_in += env.corr
             if self._can_send or not self.is_shutting_down:  # the flag: the cheap test first
                 self._deliver(env)
         elif kind in (Kind.ACK, Kind.NACK, Kind.REPLY, Kind.QERR):
@@ -220,7 +220,7 @@ class PeerLink(PeerBase):
             self.dropped_messages += count
             self._messages_dropped(count)
             if _DROPPED_TYPE in self._subs:
-                self._deliver(env._replace(kind=_PUB, type=_DROPPED_TYPE, sender="broker"))
+                self._deliver(env._replace(kind=_PUB, type=_DROPPED_TYPE, sender="broker", corr=1))
         elif kind == Kind.SHUTDOWN:
             log.info("peer %r: the broker is shutting down", self.peer_id)
             self._request_shutdown("the broker is shutting down")
@@ -238,11 +238,25 @@ class PeerLink(PeerBase):
             )
 
     def _deliver(self, item: Envelope) -> None:
-        """Queue an incoming message for the handlers; drop and count when full."""
-        if len(self._inbox) >= self.receive_queue_size:
-            self.dropped_messages += 1
-            self._local_drops += 1  # reported once per frame by the reader
-            return
+        """Queue an incoming run of messages for the handlers; what does not fit in
+        ``receive_queue_size`` messages is dropped and counted."""
+        count = item.corr
+        room = self.receive_queue_size - self._inbox_count
+        if count > room:
+            lost = count
+            if room > 0:
+                try:
+                    item = item._replace(corr=room, body=codec.split_run(item.body, room))
+                except DecodeError:
+                    room = 0
+                else:
+                    lost = count - room
+            self.dropped_messages += lost
+            self._local_drops += lost  # reported once per frame by the reader
+            if room <= 0:
+                return
+            count = room
+        self._inbox_count += count
         self._inbox.append(item)
         self._inbox_ready.set()
 

@@ -12,7 +12,7 @@ import trio
 
 from . import codec
 from ._checks import check_seconds
-from ._peer_base import _PUB, _YIELD_EVERY, Handler, _Pending, _Sub, log
+from ._peer_base import _YIELD_BYTES, _YIELD_EVERY, Handler, _Pending, _Sub, log
 from ._peer_link import PeerLink
 from .codec import Envelope, control, pack_envelope
 from .errors import (
@@ -25,8 +25,9 @@ from .errors import (
     PeerkitError,
     QueryAnswerUnknown,
     RemoteError,
+    UnknownMessageType,
 )
-from .messages import Message, message_type_of
+from .messages import Message, get_message_class, message_type_of
 from .protocol import BrokerInfo, Kind, QueryFailed, RegisterHandler
 
 M = TypeVar("M", bound=Message)
@@ -49,24 +50,43 @@ class PeerMessaging(PeerLink):
             all_subs = self._subs
             for _ in range(len(inbox)):
                 env = inbox.popleft()
-                subs = all_subs.get(env.type)
-                if not subs:
-                    continue
+                # a run's messages count as queued until each is handled
+                self._run_left = env.corr
                 try:
-                    msg = codec.decode_message(env.type, env.body, env.sender)
-                except DecodeError as exc:
-                    self.decode_errors += 1
-                    log.error("peer %r: dropped an undecodable message: %s", self.peer_id, exc)
-                    continue
-                first = subs[0]
-                if len(subs) == 1 and first.handler is not None and first.sender is None:
-                    # the common case without a coroutine per message: one handler
-                    result = first.handler(msg)
-                    if result is not None and inspect.isawaitable(result):
-                        await result
-                else:
-                    await self._dispatch_one(subs, msg)
+                    await self._dispatch_run(env, all_subs)
+                finally:
+                    self._inbox_count -= self._run_left
+                    self._run_left = 0
             await trio.lowlevel.checkpoint()
+
+    async def _dispatch_run(self, env: Envelope, all_subs: dict[str, list[_Sub]]) -> None:
+        """Hand the messages of one PUB run to their handlers, in order."""
+        if env.type not in all_subs:
+            return
+        try:
+            cls = get_message_class(env.type)
+        except UnknownMessageType:  # pragma: no cover - subscribing registered it
+            return
+        for msg in codec.decode_run(cls, env.body, env.sender, env.corr):
+            if self._run_left:
+                self._run_left -= 1
+                self._inbox_count -= 1
+            if type(msg) is DecodeError:
+                self.decode_errors += 1
+                log.error("peer %r: dropped an undecodable message: %s", self.peer_id, msg)
+                continue
+            # looked up again per message: a handler may (un)subscribe
+            subs = all_subs.get(env.type)
+            if not subs:
+                break
+            first = subs[0]
+            if len(subs) == 1 and first.handler is not None and first.sender is None:
+                # the common case without a coroutine per message: one handler
+                result = first.handler(msg)
+                if result is not None and inspect.isawaitable(result):
+                    await result
+            else:
+                await self._dispatch_one(subs, msg)  # type: ignore[arg-type]
 
     async def _dispatch_one(self, subs: list[_Sub], msg: Message) -> None:
         for sub in tuple(subs) if len(subs) > 1 else subs:
@@ -92,7 +112,7 @@ class PeerMessaging(PeerLink):
             self._require_connected("send_message")
         body = codec.encode_body(msg, self._max_message_size)
         # encode_body checked the class is registered: its type name is safe to read
-        data = pack_envelope(_PUB, type(msg).__message_type__, "", 0, "", body)
+        data = (type(msg).__message_type__, body)
         out = self._out
         if len(out) >= self.send_queue_size:
             try:
@@ -108,9 +128,11 @@ class PeerMessaging(PeerLink):
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
         self._push(data)
-        if len(out) >= _YIELD_EVERY:
+        self._unyielded += len(body)
+        if self._unyielded >= _YIELD_BYTES or len(out) >= _YIELD_EVERY:
             # let the writer batch what is queued; a lone message goes out at the caller's
             # next yield (at once, in practice)
+            self._unyielded = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def subscribe_for_all_msg_subtype(

@@ -33,7 +33,7 @@ from ._broker_conn import (
 from ._broker_dispatch import BrokerDispatch
 from ._checks import check_positive_int, check_seconds
 from ._util import OwnNursery, raise_single
-from ._wsconf import batch_limit, take_batch, ws_max_frame
+from ._wsconf import batch_limit, take_counted, ws_max_frame
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, control, pack_envelope
 from .errors import (
     DecodeError,
@@ -175,7 +175,7 @@ class Broker(BrokerDispatch, OwnNursery):
                     peer_id=c.peer_id,
                     subscriptions=self.routing.subscriptions_of(c.peer_id),
                     query_handlers=self.routing.handlers_of(c.peer_id),
-                    queued=len(c.out),
+                    queued=c.queued,
                     dropped=c.dropped_total,
                     msgs_in=c.msgs_in,
                     msgs_out=c.msgs_out,
@@ -424,9 +424,10 @@ class Broker(BrokerDispatch, OwnNursery):
                 if conn.dropped_pending:  # the loss report leads the next frame
                     parts.append(control(Kind.DROPPED, MessagesDropped(count=conn.dropped_pending)))
                     conn.dropped_pending = 0
-                take_batch(out, limit, parts)
-                conn.msgs_out += len(parts)
-                await ws.send_message(b"".join(parts))
+                published = take_counted(out, limit, parts)
+                conn.queued -= published
+                conn.msgs_out += published
+                await ws.send_message(parts[0] if len(parts) == 1 else b"".join(parts))
                 conn.last_sent = trio.current_time()
 
     # ------------------------------------------------------------------ reader
@@ -440,7 +441,6 @@ class Broker(BrokerDispatch, OwnNursery):
             conn.last_seen = trio.current_time()
             try:
                 for env in codec.iter_envelopes(frame):  # type: ignore[arg-type]
-                    conn.msgs_in += 1
                     self._dispatch(conn, env)
             except DecodeError as exc:
                 log.warning("bad frame from %r: %s", conn.peer_id, exc)

@@ -29,9 +29,11 @@ __all__ = [
     "converter",
     "decode_body",
     "decode_message",
+    "decode_run",
     "encode_body",
     "iter_envelopes",
     "pack_envelope",
+    "split_run",
 ]
 
 #: Default maximum size of one message body in bytes.
@@ -268,17 +270,8 @@ def _what(cls: type[Message], sender: str) -> str:
     return f"{cls.__message_type__!r}" + (f" from {sender!r}" if sender else "")
 
 
-def decode_body(cls: type[Message], body: bytes, sender: str = "") -> Message:
-    """Decode ``body`` as an instance of ``cls`` and stamp ``sender``."""
-    try:
-        data = msgpack.unpackb(body, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise DecodeError(
-            f"cannot decode message {_what(cls, sender)}: body is not valid msgpack ({exc})"
-        ) from None
-    if type(data) is not dict:
-        raise DecodeError(f"cannot decode message {_what(cls, sender)}: body is not a map")
-    data["sender"] = sender
+def _structure(cls: type[Message], data: dict[str, Any], sender: str) -> Message:
+    """Build ``cls`` from an unpacked body map (``sender`` already stamped in ``data``)."""
     try:
         fast = _STRUCTURE[cls]
     except KeyError:
@@ -298,6 +291,79 @@ def decode_body(cls: type[Message], body: bytes, sender: str = "") -> Message:
         raise DecodeError(
             f"invalid message {_what(cls, sender)}: {type(exc).__name__}: {exc}"
         ) from None
+
+
+def decode_body(cls: type[Message], body: bytes, sender: str = "") -> Message:
+    """Decode ``body`` as an instance of ``cls`` and stamp ``sender``."""
+    try:
+        data = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise DecodeError(
+            f"cannot decode message {_what(cls, sender)}: body is not valid msgpack ({exc})"
+        ) from None
+    if type(data) is not dict:
+        raise DecodeError(f"cannot decode message {_what(cls, sender)}: body is not a map")
+    data["sender"] = sender
+    return _structure(cls, data, sender)
+
+
+def split_run(bodies: bytes, keep: int) -> bytes:
+    """The first ``keep`` bodies of a run (for a queue with room for only part of it).
+
+    Raises :class:`DecodeError` if the run does not hold ``keep`` readable bodies.
+    """
+    unpacker = msgpack.Unpacker(max_buffer_size=0)
+    unpacker.feed(bodies)
+    try:
+        for _ in range(keep):
+            unpacker.skip()
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise DecodeError(f"cannot split a run of message bodies: {exc}") from None
+    return bodies[: unpacker.tell()]
+
+
+def decode_run(
+    cls: type[Message], bodies: bytes, sender: str, count: int
+) -> Iterator[Message | DecodeError]:
+    """Decode the ``count`` bodies packed back to back in one PUB envelope.
+
+    Yields each message in order; a body that does not decode is yielded as a
+    :class:`DecodeError` in its place and the rest still decode. Unreadable msgpack ends
+    the run with one error; so does a count that does not match the bodies.
+    """
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=0)
+    unpacker.feed(bodies)
+    seen = end = 0
+    try:
+        fast = _STRUCTURE.get(cls)
+        for data in unpacker:
+            seen += 1
+            end = unpacker.tell()
+            if type(data) is not dict:
+                yield DecodeError(f"cannot decode message {_what(cls, sender)}: body is not a map")
+                continue
+            data["sender"] = sender
+            if fast is not None:
+                try:
+                    yield fast(data, cls)
+                    continue
+                except Exception:  # _structure explains it
+                    pass
+            try:
+                yield _structure(cls, data, sender)
+            except DecodeError as exc:
+                yield exc
+            fast = _STRUCTURE.get(cls)
+    except Exception as exc:  # msgpack raises several unrelated types
+        yield DecodeError(
+            f"cannot decode message {_what(cls, sender)}: body is not valid msgpack ({exc})"
+        )
+        return
+    if seen != count or end != len(bodies):
+        yield DecodeError(
+            f"malformed run of {_what(cls, sender)}: {count} bodies announced, {seen} found"
+            + ("" if end == len(bodies) else " and a truncated one")
+        )
 
 
 def decode_message(type_name: str, body: bytes, sender: str = "") -> Message:

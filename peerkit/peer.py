@@ -13,10 +13,11 @@ import trio_websocket
 
 from . import codec
 from ._checks import check_positive_int, check_seconds
-from ._peer_base import _PUB, Handler, _Pending, _Sub, log
+from ._peer_base import Handler, _Pending, _Sub, log
 from ._peer_messaging import PeerMessaging
 from ._util import OwnNursery, raise_single
-from .codec import Envelope, control, pack_envelope
+from ._wsconf import Outgoing
+from .codec import Envelope, control
 from .errors import (
     BrokerLostError,
     PeerkitError,
@@ -197,7 +198,7 @@ class Peer(PeerMessaging, OwnNursery):
         self._can_send = False
         self._welcome: Welcome | None = None
         self._max_message_size = codec.DEFAULT_MAX_MESSAGE_SIZE
-        self._out: collections.deque[bytes] = collections.deque()
+        self._out: collections.deque[Outgoing] = collections.deque()
         self._out_ready = trio.Event()
         self._progress = trio.lowlevel.ParkingLot()
         self._enqueued = 0
@@ -213,6 +214,9 @@ class Peer(PeerMessaging, OwnNursery):
             PeerControlMessage.message_type(): self._on_control_query,
         }
         self._inbox: collections.deque[Envelope] = collections.deque()
+        self._unyielded = 0  # bytes send_message queued since it last yielded
+        self._inbox_count = 0  # messages queued in _inbox, and those of the run in hand
+        self._run_left = 0
         self._inbox_ready = trio.Event()
         self._local_drops = 0
         self._query_send, self._query_recv = trio.open_memory_channel[Envelope](
@@ -508,11 +512,7 @@ class Peer(PeerMessaging, OwnNursery):
                         error_type=type(error).__name__,
                         was_essential=self.is_essential,
                     )
-                    self._push(
-                        pack_envelope(
-                            _PUB, PanickMsg.message_type(), "", 0, "", codec.encode_body(panick)
-                        )
-                    )
+                    self._push((PanickMsg.message_type(), codec.encode_body(panick)))
                 goodbye = BrokerGoodbyeMsg(
                     error_msg=None if error is None else f"{type(error).__name__}: {error}"
                 )

@@ -7,10 +7,16 @@ A WebSocket binary frame holds one or more *envelopes* back to back, each a msgp
 kind   integer, one of :class:`Kind`
 type   message type name (routing key); "" where unused
 sender peer id of the sender, stamped by the broker; "" from peers
-corr   correlation id of requests/queries (0 where unused)
+corr   correlation id of requests/queries (0 where unused); for PUB, the number of messages
 target peer id for ``ask_peer`` queries; "" otherwise
 body   the encoded message (msgpack bytes), opaque to the broker for PUB/QUERY/REPLY
 ====== ======================================================================
+
+A PUB envelope carries a *run*: ``corr`` (at least 1) message bodies of the one ``type``,
+packed back to back in ``body``, which is never larger than the broker's
+``max_message_size``. A publisher's writer puts consecutive messages of one type in one run,
+so the broker routes, stamps and queues a run at the cost of one message, and a subscriber
+decodes a run with one msgpack unpacker. Order is kept: a run only joins neighbours.
 
 The broker routes on the header only; it decodes bodies of control envelopes alone.
 """
@@ -23,7 +29,7 @@ import attrs
 
 from .messages import Message, message
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class Kind(enum.IntEnum):
@@ -32,7 +38,7 @@ class Kind(enum.IntEnum):
     HELLO = 1  #: peer → broker, first envelope; body :class:`Hello`
     WELCOME = 2  #: broker → peer; body :class:`Welcome`
     REJECT = 3  #: broker → peer, then close; body :class:`Reject`
-    PUB = 4  #: publish (peer → broker) / deliver (broker → peer)
+    PUB = 4  #: publish (peer → broker) / deliver (broker → peer); corr = messages in the run
     SUB = 5  #: subscribe; type = message type, target = sender filter ("" = all); corr → ACK
     UNSUB = 6  #: unsubscribe; as SUB
     REG = 7  #: register query handler; body :class:`RegisterHandler`; corr → ACK
@@ -105,10 +111,10 @@ class PeerInfo(Message):
     peer_id: str
     subscriptions: list[str] = attrs.field(factory=list)
     query_handlers: list[str] = attrs.field(factory=list)
-    queued: int = 0
-    dropped: int = 0
-    msgs_in: int = 0
-    msgs_out: int = 0
+    queued: int = 0  #: published messages waiting in the broker to go to this peer
+    dropped: int = 0  #: published messages meant for this peer that the broker dropped
+    msgs_in: int = 0  #: messages this peer published
+    msgs_out: int = 0  #: published messages the broker sent to this peer
     state: str = ""
 
 

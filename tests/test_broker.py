@@ -123,7 +123,7 @@ async def test_oversized_body_refused_with_error_connection_kept(nursery: trio.N
         await nursery.start(broker.run)
         async with raw(broker.url, "big") as ws:
             body = codec.encode_body(Blob(data=b"z" * 5000))
-            await ws.send_message(pack_envelope(int(Kind.PUB), "Blob", "", 0, "", body))
+            await ws.send_message(pack_envelope(int(Kind.PUB), "Blob", "", 1, "", body))
             env = await next_envelope(ws, Kind.ERROR)
             failure = codec.decode_body(RequestFailed, env.body)
             assert isinstance(failure, RequestFailed)
@@ -219,7 +219,7 @@ async def test_broker_tells_subscriber_how_many_were_dropped(nursery: trio.Nurse
             while delivered + dropped < n:
                 for env in codec.iter_envelopes(await ws.get_message()):  # type: ignore[arg-type]
                     if env.kind == Kind.PUB:
-                        delivered += 1
+                        delivered += env.corr
                     elif env.kind == Kind.DROPPED:
                         report = codec.decode_body(MessagesDropped, env.body)
                         assert isinstance(report, MessagesDropped)
@@ -317,9 +317,9 @@ async def test_malformed_message_never_crashes_the_receiver(broker: Broker) -> N
         async with Peer(broker.url, "sub") as sub, sub.subscription(Blob) as stream:
             async with raw(broker.url, "forger") as ws:
                 for body in (b"\xc1", codec.encode_body(PeerLeft(reason="x", clean=True))):
-                    await ws.send_message(pack_envelope(int(Kind.PUB), "Blob", "", 0, "", body))
+                    await ws.send_message(pack_envelope(int(Kind.PUB), "Blob", "", 1, "", body))
                 good = codec.encode_body(Blob(data=b"fine"))
-                await ws.send_message(pack_envelope(int(Kind.PUB), "Blob", "", 0, "", good))
+                await ws.send_message(pack_envelope(int(Kind.PUB), "Blob", "", 1, "", good))
                 msg = await stream.receive()
             assert msg.data == b"fine" and msg.sender == "forger"
             assert sub.decode_errors == 2
@@ -338,9 +338,9 @@ async def test_malformed_message_with_a_plain_handler(broker: Broker) -> None:
         async with Peer(broker.url, "sub") as sub:
             await sub.subscribe_for_all_msg_subtype(Blob, on_blob)
             async with raw(broker.url, "forger") as ws:
-                bad = pack_envelope(int(Kind.PUB), "Blob", "", 0, "", b"\x81\xa4data\x07")
+                bad = pack_envelope(int(Kind.PUB), "Blob", "", 1, "", b"\x81\xa4data\x07")
                 good = pack_envelope(
-                    int(Kind.PUB), "Blob", "", 0, "", codec.encode_body(Blob(data=b"ok"))
+                    int(Kind.PUB), "Blob", "", 1, "", codec.encode_body(Blob(data=b"ok"))
                 )
                 await ws.send_message(bad + good)
                 await arrived.wait()

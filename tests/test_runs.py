@@ -1,0 +1,247 @@
+"""Runs: consecutive publishes of one type travel as one PUB envelope (sans-IO and broker)."""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import msgpack
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_broker import next_envelope, raw
+
+from peerkit import Broker, Message, Peer, codec, message
+from peerkit._wsconf import MAX_BATCH, Outgoing, take_frame
+from peerkit.codec import decode_run, encode_body, iter_envelopes, pack_envelope, split_run
+from peerkit.errors import DecodeError
+from peerkit.messages import MessagesDropped
+from peerkit.protocol import Kind, RequestFailed
+from peerkit.testing import wait_for_condition
+
+
+@message(type="tr.Item")
+class Item(Message):
+    n: int
+    data: bytes = b""
+
+
+@message(type="tr.Other")
+class OtherItem(Message):
+    n: int
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.CRITICAL, logger="peerkit")
+
+
+def run_of(*msgs: Message) -> bytes:
+    return b"".join(encode_body(m) for m in msgs)
+
+
+# ----------------------------------------------------------------------------- decode_run
+
+
+def test_decode_run_yields_every_message_in_order_with_the_sender() -> None:
+    got = list(decode_run(Item, run_of(*(Item(n=i) for i in range(5))), "pub", 5))
+    assert got == [Item(n=i, sender="pub") for i in range(5)]
+
+
+def test_a_bad_body_in_a_run_is_an_error_in_its_place_and_the_rest_decode() -> None:
+    bodies = run_of(Item(n=1)) + msgpack.packb({"n": "two"}) + run_of(Item(n=3))
+    got = list(decode_run(Item, bodies, "pub", 3))
+    assert got[0] == Item(n=1, sender="pub") and got[2] == Item(n=3, sender="pub")
+    assert isinstance(got[1], DecodeError) and "'tr.Item' from 'pub'" in str(got[1])
+    not_a_map = list(decode_run(Item, msgpack.packb([1]) + run_of(Item(n=2)), "p", 2))
+    assert isinstance(not_a_map[0], DecodeError) and not_a_map[1] == Item(n=2, sender="p")
+
+
+@pytest.mark.parametrize(
+    ("bodies", "count", "why"),
+    [
+        (run_of(Item(n=1), Item(n=2)), 3, "3 bodies announced, 2 found"),
+        (run_of(Item(n=1), Item(n=2)), 1, "1 bodies announced, 2 found"),
+        (run_of(Item(n=1)) + run_of(Item(n=2))[:-1], 2, "truncated"),
+        (run_of(Item(n=1)) + b"\xc1", 2, "not valid msgpack"),
+    ],
+)
+def test_malformed_runs_end_with_one_error(bodies: bytes, count: int, why: str) -> None:
+    got = list(decode_run(Item, bodies, "", count))
+    assert got[0] == Item(n=1)
+    assert isinstance(got[-1], DecodeError) and why in str(got[-1])
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(max_size=200), count=st.integers(1, 5))
+def test_arbitrary_bytes_as_a_run_only_yield_messages_or_errors(data: bytes, count: int) -> None:
+    for item in decode_run(Item, data, "x", count):
+        assert isinstance(item, Item | DecodeError)
+
+
+def test_split_run_keeps_the_first_bodies() -> None:
+    bodies = run_of(*(Item(n=i, data=b"d" * i) for i in range(6)))
+    head = split_run(bodies, 4)
+    assert list(decode_run(Item, head, "", 4)) == [Item(n=i, data=b"d" * i) for i in range(4)]
+    assert split_run(bodies, 6) == bodies
+    with pytest.raises(DecodeError):
+        split_run(bodies, 7)
+    with pytest.raises(DecodeError):
+        split_run(b"\xc1\xc1", 1)
+
+
+# ----------------------------------------------------------------------------- take_frame
+
+items = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(["A", "B"]), st.binary(max_size=40).map(msgpack.packb)),
+        st.binary(min_size=1, max_size=20).map(lambda b: pack_envelope(int(Kind.HEARTBEAT), "")),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(queued=items, limit=st.integers(1, 400), run_limit=st.integers(1, 120))
+def test_take_frame_keeps_order_and_limits(
+    queued: list[Outgoing], limit: int, run_limit: int
+) -> None:
+    out: collections.deque[Outgoing] = collections.deque(queued)
+    seen: list[Outgoing] = []
+    while out:
+        frame, count = take_frame(out, limit, run_limit)
+        assert count >= 1
+        taken = 0
+        for env in iter_envelopes(frame):
+            if env.kind == Kind.PUB:
+                bodies = msgpack.Unpacker()
+                bodies.feed(env.body)
+                parts = []
+                for _ in range(env.corr):
+                    start = bodies.tell()
+                    bodies.skip()
+                    parts.append(env.body[start : bodies.tell()])
+                assert bodies.tell() == len(env.body)
+                # a run of several bodies stays within run_limit
+                assert env.corr == 1 or len(env.body) <= run_limit
+                seen.extend((env.type, p) for p in parts)
+                taken += env.corr
+            else:
+                seen.append(pack_envelope(env.kind, env.type, env.sender, env.corr, "", env.body))
+                taken += 1
+        assert taken == count
+    assert seen == queued
+
+
+def test_take_frame_stops_at_max_batch() -> None:
+    out: collections.deque[Outgoing] = collections.deque(
+        ("A", b"\x80") for _ in range(MAX_BATCH + 10)
+    )
+    frame, count = take_frame(out, 1 << 20, 1 << 20)
+    assert count == MAX_BATCH and len(out) == 10
+    (env,) = iter_envelopes(frame)
+    assert env.corr == MAX_BATCH and env.body == b"\x80" * MAX_BATCH
+
+
+# ----------------------------------------------------------------------------- broker
+
+
+async def test_publisher_batches_arrive_as_runs_in_order(broker: Broker) -> None:
+    with trio.fail_after(10):
+        async with raw(broker.url, "sub") as ws, Peer(broker.url, "pub") as pub:
+            await ws.send_message(pack_envelope(int(Kind.SUB), "tr.Item", "", 1))
+            await next_envelope(ws, Kind.ACK)
+            for i in range(300):
+                await pub.send_message(Item(n=i))
+            got: list[int] = []
+            runs = 0
+            while len(got) < 300:
+                for env in iter_envelopes(await ws.get_message()):  # type: ignore[arg-type]
+                    if env.kind == Kind.PUB:
+                        runs += 1
+                        for msg in decode_run(Item, env.body, env.sender, env.corr):
+                            assert isinstance(msg, Item) and msg.sender == "pub"
+                            got.append(msg.n)
+            assert got == list(range(300))
+            assert runs < 300  # batched, not one envelope per message
+
+
+async def test_pub_envelope_without_messages_is_refused(broker: Broker) -> None:
+    with trio.fail_after(10):
+        async with raw(broker.url, "rogue") as ws:
+            await ws.send_message(pack_envelope(int(Kind.PUB), "tr.Item", "", 0, "", b""))
+            env = await next_envelope(ws, Kind.ERROR)
+            failure = codec.decode_body(RequestFailed, env.body)
+            assert isinstance(failure, RequestFailed) and failure.code == "bad_request"
+            assert "rogue" in broker.peer_ids
+
+
+async def test_a_run_that_half_fits_the_queue_is_split_and_the_rest_counted(
+    nursery: trio.Nursery,
+) -> None:
+    """The broker's queue bound is exact in messages: a run is cut where the room ends."""
+    with trio.fail_after(10):
+        broker = Broker(send_queue_size=7)
+        await nursery.start(broker.run)
+        async with raw(broker.url, "stuck") as sub, raw(broker.url, "pub") as pub:
+            await sub.send_message(pack_envelope(int(Kind.SUB), "tr.Item", "", 1))
+            await next_envelope(sub, Kind.ACK)
+            # stop reading "stuck" until both runs are routed: 5 + 5 against room for 7
+            first = run_of(*(Item(n=i) for i in range(5)))
+            second = run_of(*(Item(n=i) for i in range(5, 10)))
+            await pub.send_message(
+                pack_envelope(int(Kind.PUB), "tr.Item", "", 5, "", first)
+                + pack_envelope(int(Kind.PUB), "tr.Item", "", 5, "", second)
+                + pack_envelope(int(Kind.INFO), "", "", 9)
+            )
+            await next_envelope(pub, Kind.REPLY)  # the broker handled the whole frame
+            (info,) = [p for p in broker.info().peers if p.peer_id == "stuck"]
+            # the broker routes a whole frame before its writer runs: 5 queued, 2 fit, 3 lost
+            assert info.dropped == 3
+            got: list[int] = []
+            dropped = 0
+            while len(got) + dropped < 10:
+                for env in iter_envelopes(await sub.get_message()):  # type: ignore[arg-type]
+                    if env.kind == Kind.PUB:
+                        for msg in decode_run(Item, env.body, "", env.corr):
+                            assert isinstance(msg, Item)
+                            got.append(msg.n)
+                    elif env.kind == Kind.DROPPED:
+                        report = codec.decode_body(MessagesDropped, env.body)
+                        assert isinstance(report, MessagesDropped)
+                        dropped += report.count
+            assert got == list(range(len(got))) and len(got) + dropped == 10
+            assert dropped == info.dropped
+
+
+async def test_peer_inbox_takes_the_part_of_a_run_that_fits(broker: Broker) -> None:
+    with trio.fail_after(10):
+        release = trio.Event()
+        started = trio.Event()
+        got: list[int] = []
+
+        async def slow(msg: Item) -> None:
+            started.set()
+            await release.wait()
+            got.append(msg.n)
+
+        async with (
+            Peer(broker.url, "slow", receive_queue_size=5) as sub,
+            raw(broker.url, "pub") as pub,
+        ):
+            await sub.subscribe_for_all_msg_subtype(Item, slow)
+            # first message: in hand (blocked, no longer queued); then a run of 8 where 5 fit
+            one = run_of(Item(n=0))
+            await pub.send_message(pack_envelope(int(Kind.PUB), "tr.Item", "", 1, "", one))
+            await started.wait()
+            bodies = run_of(*(Item(n=i) for i in range(1, 9)))
+            await pub.send_message(pack_envelope(int(Kind.PUB), "tr.Item", "", 8, "", bodies))
+            await wait_for_condition(lambda: sub.dropped_messages >= 3)
+            release.set()
+            async with sub.subscription(OtherItem) as marks:
+                await pub.send_message(
+                    pack_envelope(int(Kind.PUB), "tr.Other", "", 1, "", run_of(OtherItem(n=1)))
+                )
+                await marks.receive()
+            assert got == [0, 1, 2, 3, 4, 5] and sub.dropped_messages == 3
