@@ -50,7 +50,7 @@ class PeerMessaging(PeerLink):
             all_subs = self._subs
             for _ in range(len(inbox)):
                 env = inbox.popleft()
-                # a run's messages count as queued until each is handled
+                # a run's messages count as queued until handled (see _release_run)
                 self._run_left = env.corr
                 try:
                     await self._dispatch_run(env, all_subs)
@@ -59,33 +59,44 @@ class PeerMessaging(PeerLink):
                     self._run_left = 0
             await trio.lowlevel.checkpoint()
 
+    def _release_run(self, handled: int, count: int) -> None:
+        """``handled`` messages of the run in hand are done: give their room back."""
+        left = count - handled if handled < count else 0
+        self._inbox_count -= self._run_left - left
+        self._run_left = left
+
     async def _dispatch_run(self, env: Envelope, all_subs: dict[str, list[_Sub]]) -> None:
-        """Hand the messages of one PUB run to their handlers, in order."""
-        if env.type not in all_subs:
+        """Hand the messages of one PUB run to their handlers, in order.
+
+        The room of handled messages is given back before a handler waits (nothing can
+        arrive while none does).
+        """
+        msg_type = env.type
+        if msg_type not in all_subs:
             return
         try:
-            cls = get_message_class(env.type)
+            cls = get_message_class(msg_type)
         except UnknownMessageType:  # pragma: no cover - subscribing registered it
             return
-        for msg in codec.decode_run(cls, env.body, env.sender, env.corr):
-            if self._run_left:
-                self._run_left -= 1
-                self._inbox_count -= 1
+        count = env.corr
+        for handled, msg in enumerate(codec.decode_run(cls, env.body, env.sender, count), 1):
             if type(msg) is DecodeError:
                 self.decode_errors += 1
                 log.error("peer %r: dropped an undecodable message: %s", self.peer_id, msg)
                 continue
             # looked up again per message: a handler may (un)subscribe
-            subs = all_subs.get(env.type)
+            subs = all_subs.get(msg_type)
             if not subs:
-                break
+                return
             first = subs[0]
             if len(subs) == 1 and first.handler is not None and first.sender is None:
                 # the common case without a coroutine per message: one handler
                 result = first.handler(msg)
                 if result is not None and inspect.isawaitable(result):
+                    self._release_run(handled, count)
                     await result
             else:
+                self._release_run(handled, count)
                 await self._dispatch_one(subs, msg)  # type: ignore[arg-type]
 
     async def _dispatch_one(self, subs: list[_Sub], msg: Message) -> None:

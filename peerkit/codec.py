@@ -181,7 +181,6 @@ converter: cattrs.Converter = _make_converter()
 #: The same rules without detailed validation: the fast first try when decoding; a failure
 #: is then re-run through :data:`converter` for a precise message.
 _fast_converter: cattrs.Converter = _make_converter(detailed=False)
-_STRUCTURE: dict[type, Callable[[Any, Any], Any]] = {}
 
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
@@ -233,11 +232,19 @@ def encode_body(msg: Message, max_size: int | None = None) -> bytes:
 _SCALAR_TYPES = frozenset({int, float, str, bool, bytes})
 
 
-def _scalar_structure(cls: type[Message]) -> Callable[[Any, Any], Any] | None:
-    """A plain-Python structuring function for messages whose fields are all scalars.
+#: ``structure(data, sender)`` per class: the first, fast try at building a message from its
+#: unpacked body (raises anything on failure; :func:`_structure` then explains it)
+_Structurer = Callable[[dict[str, Any], str], Message]
+_STRUCTURE: dict[type, _Structurer] = {}
+
+
+def _scalar_structurer(cls: type[Message]) -> _Structurer | None:
+    """A generated structuring function for messages whose fields are all scalars.
 
     Same rules as the converter (exact types, an int accepted for a float, no unknown or
-    missing fields), without cattrs' per-field machinery. None if the class does not qualify.
+    missing fields), without cattrs' per-field machinery: the common case (every field
+    present with its exact type) is one straight-line function made for the class, the rest
+    a generic check. None if the class does not qualify.
     """
     try:
         fields = attrs.fields(attrs.resolve_types(cls))
@@ -249,7 +256,8 @@ def _scalar_structure(cls: type[Message]) -> Callable[[Any, Any], Any] | None:
     required = frozenset(f.name for f in fields if f.default is attrs.NOTHING)
     checks = tuple((f.name, f.type) for f in fields if f.name != "sender")
 
-    def structure(data: dict[str, Any], _cls: object) -> Any:
+    def generic(data: dict[str, Any], sender: str) -> Message:
+        data["sender"] = sender
         keys = data.keys()
         if not (keys <= names and required <= keys):
             raise TypeError("unknown or missing fields")
@@ -263,7 +271,40 @@ def _scalar_structure(cls: type[Message]) -> Callable[[Any, Any], Any] | None:
                         raise TypeError(f"{name}: expected {typ}")
         return cls(**data)
 
+    # field names are identifiers (attrs checked them); the types are bound, not spelled
+    lines = ["def structure(data, sender):"]
+    if checks:
+        lines += [f"    if len(data) == {len(checks)}:", "        try:"]
+        lines += [f"            v{i} = data[{name!r}]" for i, (name, _) in enumerate(checks)]
+        lines += ["        except KeyError:", "            pass", "        else:"]
+        exact = " and ".join(f"type(v{i}) is t{i}" for i in range(len(checks)))
+        args = "".join(f", {name}=v{i}" for i, (name, _) in enumerate(checks))
+        lines += [f"            if {exact}:", f"                return cls(sender=sender{args})"]
+    else:
+        lines += ["    if not data:", "        return cls(sender=sender)"]
+    lines += ["    return generic(data, sender)"]
+    namespace: dict[str, Any] = {"cls": cls, "generic": generic}
+    namespace.update((f"t{i}", typ) for i, (_, typ) in enumerate(checks))
+    exec("\n".join(lines), namespace)
+    return namespace["structure"]  # type: ignore[no-any-return]
+
+
+def _converter_structurer(cls: type[Message]) -> _Structurer:
+    hook = _fast_converter.get_structure_hook(cls)
+
+    def structure(data: dict[str, Any], sender: str) -> Message:
+        data["sender"] = sender
+        return hook(data, cls)  # type: ignore[no-any-return]
+
     return structure
+
+
+def _structurer(cls: type[Message]) -> _Structurer:
+    try:
+        return _STRUCTURE[cls]
+    except KeyError:
+        fast = _STRUCTURE[cls] = _scalar_structurer(cls) or _converter_structurer(cls)
+        return fast
 
 
 def _what(cls: type[Message], sender: str) -> str:
@@ -271,15 +312,13 @@ def _what(cls: type[Message], sender: str) -> str:
 
 
 def _structure(cls: type[Message], data: dict[str, Any], sender: str) -> Message:
-    """Build ``cls`` from an unpacked body map (``sender`` already stamped in ``data``)."""
+    """Build ``cls`` from an unpacked body map, or raise a :class:`DecodeError` saying why."""
+    fast = _structurer(cls)
     try:
-        fast = _STRUCTURE[cls]
-    except KeyError:
-        fast = _STRUCTURE[cls] = _scalar_structure(cls) or _fast_converter.get_structure_hook(cls)
-    try:
-        return fast(data, cls)  # type: ignore[no-any-return]
+        return fast(data, sender)
     except Exception:  # re-run below for a detailed report
         pass
+    data["sender"] = sender
     try:
         return converter.structure(data, cls)
     except cattrs.BaseValidationError as exc:
@@ -303,7 +342,6 @@ def decode_body(cls: type[Message], body: bytes, sender: str = "") -> Message:
         ) from None
     if type(data) is not dict:
         raise DecodeError(f"cannot decode message {_what(cls, sender)}: body is not a map")
-    data["sender"] = sender
     return _structure(cls, data, sender)
 
 
@@ -324,46 +362,51 @@ def split_run(bodies: bytes, keep: int) -> bytes:
 
 def decode_run(
     cls: type[Message], bodies: bytes, sender: str, count: int
-) -> Iterator[Message | DecodeError]:
+) -> list[Message | DecodeError]:
     """Decode the ``count`` bodies packed back to back in one PUB envelope.
 
-    Yields each message in order; a body that does not decode is yielded as a
-    :class:`DecodeError` in its place and the rest still decode. Unreadable msgpack ends
-    the run with one error; so does a count that does not match the bodies.
+    Returns the messages in order; a body that does not decode is a :class:`DecodeError` in
+    its place and the rest still decode. Unreadable msgpack ends the run with one error; so
+    does a count that does not match the bodies.
     """
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=0)
     unpacker.feed(bodies)
-    seen = end = 0
+    out: list[Message | DecodeError] = []
+    append = out.append
+    fast = _structurer(cls)
+    end = 0
     try:
-        fast = _STRUCTURE.get(cls)
         for data in unpacker:
-            seen += 1
             end = unpacker.tell()
-            if type(data) is not dict:
-                yield DecodeError(f"cannot decode message {_what(cls, sender)}: body is not a map")
-                continue
-            data["sender"] = sender
-            if fast is not None:
-                try:
-                    yield fast(data, cls)
-                    continue
-                except Exception:  # _structure explains it
-                    pass
             try:
-                yield _structure(cls, data, sender)
+                append(fast(data, sender))
+                continue
+            except Exception:  # explained below
+                pass
+            if type(data) is not dict:
+                append(
+                    DecodeError(f"cannot decode message {_what(cls, sender)}: body is not a map")
+                )
+                continue
+            try:
+                append(_structure(cls, data, sender))
             except DecodeError as exc:
-                yield exc
-            fast = _STRUCTURE.get(cls)
+                append(exc)
     except Exception as exc:  # msgpack raises several unrelated types
-        yield DecodeError(
-            f"cannot decode message {_what(cls, sender)}: body is not valid msgpack ({exc})"
+        out.append(
+            DecodeError(
+                f"cannot decode message {_what(cls, sender)}: body is not valid msgpack ({exc})"
+            )
         )
-        return
-    if seen != count or end != len(bodies):
-        yield DecodeError(
-            f"malformed run of {_what(cls, sender)}: {count} bodies announced, {seen} found"
-            + ("" if end == len(bodies) else " and a truncated one")
+        return out
+    if len(out) != count or end != len(bodies):
+        out.append(
+            DecodeError(
+                f"malformed run of {_what(cls, sender)}: {count} bodies announced, "
+                f"{len(out)} found" + ("" if end == len(bodies) else " and a truncated one")
+            )
         )
+    return out
 
 
 def decode_message(type_name: str, body: bytes, sender: str = "") -> Message:
