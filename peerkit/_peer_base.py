@@ -13,7 +13,7 @@ import attrs
 import trio
 import trio_websocket
 
-from ._wsconf import Outgoing
+from ._wsconf import Outgoing, Run
 from .codec import Envelope
 from .errors import NotConnectedException, ShuttingDownException
 from .messages import MessagesDropped
@@ -28,10 +28,11 @@ Handler = Callable[[Any], Any]
 _PEER_WS_MAX_FRAME = 256 * 1024 * 1024
 _PUB = int(Kind.PUB)
 _DROPPED_TYPE = MessagesDropped.message_type()
-#: send_message yields to the scheduler (and so lets the writer fill a frame) once this many
-#: messages wait to be written, or this many bytes were queued since it last yielded
-_YIELD_EVERY = 1024
-_YIELD_BYTES = 64 * 1024
+#: send_message yields to the scheduler (and so lets the writer fill a frame) once it queued
+#: this many bytes since it last did, counting each message as its body plus _YIELD_OVERHEAD
+#: (about a thousand 100-byte messages, or sixteen of 8 KiB)
+_YIELD_BYTES = 128 * 1024
+_YIELD_OVERHEAD = 32
 
 
 # ------------------------------------------------------------------ internals
@@ -81,6 +82,7 @@ class PeerBase(StateMachine):
     _welcome: Welcome | None
     _max_message_size: int
     _out: collections.deque[Outgoing]
+    _tail: Run | None
     _out_ready: trio.Event
     _progress: trio.lowlevel.ParkingLot
     _enqueued: int

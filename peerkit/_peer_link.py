@@ -18,7 +18,7 @@ from ._peer_base import (
     _Pending,
     log,
 )
-from ._wsconf import RECEIVE_BUFFER, Outgoing, batch_limit, take_frame
+from ._wsconf import MAX_BATCH, RECEIVE_BUFFER, Run, batch_limit, take_frame
 from .codec import Envelope, control, pack_envelope
 from .errors import (
     BrokerConnectError,
@@ -127,8 +127,28 @@ class PeerLink(PeerBase):
                 "to wait longer)"
             )
 
-    def _push(self, data: Outgoing) -> None:
+    def _push(self, data: bytes) -> None:
+        """Queue a packed envelope."""
+        self._tail = None
         self._out.append(data)
+        self._enqueued += 1
+        self._out_ready.set()
+
+    def _queue_publish(self, msg_type: str, body: bytes) -> None:
+        """Queue one message to publish: it joins the run at the tail of the queue when
+        that run has its type and room (:data:`MAX_BATCH` messages, one body's size)."""
+        run = self._tail
+        if (
+            run is not None
+            and run.type == msg_type
+            and run.size + len(body) <= self._max_message_size
+            and len(run.bodies) < MAX_BATCH
+        ):
+            run.bodies.append(body)
+            run.size += len(body)
+        else:
+            self._out.append(run := Run(msg_type, body))
+            self._tail = run
         self._enqueued += 1
         self._out_ready.set()
 
@@ -142,12 +162,13 @@ class PeerLink(PeerBase):
         ws = self._ws
         out = self._out
         limit = batch_limit(self._max_message_size)
-        run_limit = self._max_message_size
         while True:
             await self._out_ready.wait()
             self._out_ready = trio.Event()
             while out:
-                frame, count = take_frame(out, limit, run_limit)
+                frame, count = take_frame(out, limit)
+                if not out:  # the tail run is packed: the next message starts another
+                    self._tail = None
                 await ws.send_message(frame)
                 self._sent += count
                 self.msgs_out += count

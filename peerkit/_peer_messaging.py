@@ -12,7 +12,7 @@ import trio
 
 from . import codec
 from ._checks import check_seconds
-from ._peer_base import _YIELD_BYTES, _YIELD_EVERY, Handler, _Pending, _Sub, log
+from ._peer_base import _YIELD_BYTES, _YIELD_OVERHEAD, Handler, _Pending, _Sub, log
 from ._peer_link import PeerLink
 from .codec import Envelope, control, pack_envelope
 from .errors import (
@@ -122,13 +122,10 @@ class PeerMessaging(PeerLink):
         if not self._can_send:  # one flag for the common case (kept by _state_changed)
             self._require_connected("send_message")
         body = codec.encode_body(msg, self._max_message_size)
-        # encode_body checked the class is registered: its type name is safe to read
-        data = (type(msg).__message_type__, body)
-        out = self._out
-        if len(out) >= self.send_queue_size:
+        if self._enqueued - self._sent >= self.send_queue_size:
             try:
                 with trio.fail_after(self.send_timeout):
-                    while len(self._out) >= self.send_queue_size and self._link_ok:
+                    while self._enqueued - self._sent >= self.send_queue_size and self._link_ok:
                         await self._progress.park()
             except trio.TooSlowError:
                 raise PeerkitError(
@@ -138,9 +135,10 @@ class PeerMessaging(PeerLink):
             self._require_connected("send_message")
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
-        self._push(data)
-        self._unyielded += len(body)
-        if self._unyielded >= _YIELD_BYTES or len(out) >= _YIELD_EVERY:
+        # encode_body checked the class is registered: its type name is safe to read
+        self._queue_publish(type(msg).__message_type__, body)
+        self._unyielded += len(body) + _YIELD_OVERHEAD
+        if self._unyielded >= _YIELD_BYTES:
             # let the writer batch what is queued; a lone message goes out at the caller's
             # next yield (at once, in practice)
             self._unyielded = 0

@@ -32,41 +32,41 @@ MAX_BATCH = 1024
 RECEIVE_BUFFER = 256 * 1024
 
 
-#: One item of a peer's outgoing queue: a packed envelope, or ``(type, body)`` of a message
-#: to publish (the writer packs those into runs).
-Outgoing = bytes | tuple[str, bytes]
+class Run:
+    """Messages of one type queued back to back by a peer: they leave as one PUB envelope."""
+
+    __slots__ = ("bodies", "size", "type")
+
+    def __init__(self, type: str, body: bytes) -> None:
+        self.type = type
+        self.bodies = [body]
+        self.size = len(body)
 
 
-def take_frame(out: collections.deque[Outgoing], limit: int, run_limit: int) -> tuple[bytes, int]:
-    """Move queued items from the left of ``out`` into one frame; return it and the count.
+#: One item of a peer's outgoing queue: a packed envelope, or a run of messages to publish.
+Outgoing = bytes | Run
 
-    Consecutive publishes of one type become one PUB envelope (a run, see
-    :mod:`peerkit.protocol`) whose bodies stay within ``run_limit`` bytes. Stops past
-    ``limit`` bytes or at :data:`MAX_BATCH` items; one item is always taken.
+
+def take_frame(out: collections.deque[Outgoing], limit: int) -> tuple[bytes, int]:
+    """Move queued items from the left of ``out`` into one frame; return it and how many
+    envelopes or published messages it holds.
+
+    Each :class:`Run` becomes one PUB envelope (see :mod:`peerkit.protocol`). Stops past
+    ``limit`` bytes or at :data:`MAX_BATCH` messages; one item is always taken.
     """
     parts: list[bytes] = []
     size = taken = 0
     while out and size < limit and taken < MAX_BATCH:
         item = out.popleft()
-        taken += 1
         if isinstance(item, bytes):
             parts.append(item)
-            size += len(item)
-            continue
-        typ, body = item
-        bodies = [body]
-        run = len(body)
-        while out and taken < MAX_BATCH and size + run < limit:
-            nxt = out[0]
-            if isinstance(nxt, bytes) or nxt[0] != typ or run + len(nxt[1]) > run_limit:
-                break
-            out.popleft()
-            bodies.append(nxt[1])
-            run += len(nxt[1])
             taken += 1
-        env = pack_envelope(_PUB, typ, "", len(bodies), "", b"".join(bodies))
-        parts.append(env)
-        size += len(env)
+        else:
+            bodies = item.bodies
+            item = pack_envelope(_PUB, item.type, "", len(bodies), "", b"".join(bodies))
+            parts.append(item)
+            taken += len(bodies)
+        size += len(item)
     return (parts[0] if len(parts) == 1 else b"".join(parts)), taken
 
 

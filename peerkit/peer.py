@@ -16,7 +16,7 @@ from ._checks import check_positive_int, check_seconds
 from ._peer_base import Handler, _Pending, _Sub, log
 from ._peer_messaging import PeerMessaging
 from ._util import OwnNursery, raise_single
-from ._wsconf import Outgoing
+from ._wsconf import Outgoing, Run
 from .codec import Envelope, control
 from .errors import (
     BrokerLostError,
@@ -199,6 +199,7 @@ class Peer(PeerMessaging, OwnNursery):
         self._welcome: Welcome | None = None
         self._max_message_size = codec.DEFAULT_MAX_MESSAGE_SIZE
         self._out: collections.deque[Outgoing] = collections.deque()
+        self._tail: Run | None = None  # the run at the end of _out, while it can grow
         self._out_ready = trio.Event()
         self._progress = trio.lowlevel.ParkingLot()
         self._enqueued = 0
@@ -512,7 +513,7 @@ class Peer(PeerMessaging, OwnNursery):
                         error_type=type(error).__name__,
                         was_essential=self.is_essential,
                     )
-                    self._push((PanickMsg.message_type(), codec.encode_body(panick)))
+                    self._queue_publish(PanickMsg.message_type(), codec.encode_body(panick))
                 goodbye = BrokerGoodbyeMsg(
                     error_msg=None if error is None else f"{type(error).__name__}: {error}"
                 )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import logging
 
 import msgpack
@@ -13,7 +12,7 @@ from hypothesis import strategies as st
 from test_broker import next_envelope, raw
 
 from peerkit import Broker, Message, Peer, codec, message
-from peerkit._wsconf import MAX_BATCH, Outgoing, take_frame
+from peerkit._wsconf import MAX_BATCH, take_frame
 from peerkit.codec import decode_run, encode_body, iter_envelopes, pack_envelope, split_run
 from peerkit.errors import DecodeError
 from peerkit.messages import MessagesDropped
@@ -91,55 +90,80 @@ def test_split_run_keeps_the_first_bodies() -> None:
         split_run(b"\xc1\xc1", 1)
 
 
-# ----------------------------------------------------------------------------- take_frame
+# ----------------------------------------------------------------------------- queueing
 
-items = st.lists(
+ops = st.lists(
     st.one_of(
-        st.tuples(st.sampled_from(["A", "B"]), st.binary(max_size=40).map(msgpack.packb)),
-        st.binary(min_size=1, max_size=20).map(lambda b: pack_envelope(int(Kind.HEARTBEAT), "")),
+        st.tuples(st.just("pub"), st.sampled_from(["A", "B"]), st.binary(max_size=40)),
+        st.tuples(st.just("ctl"), st.just(""), st.just(b"")),
+        st.tuples(st.just("take"), st.just(""), st.just(b"")),
     ),
-    max_size=60,
+    max_size=80,
 )
 
 
+def unpack_frame(frame: bytes) -> list[tuple[str, bytes] | bytes]:
+    """What a frame carries, one entry per published message or control envelope."""
+    seen: list[tuple[str, bytes] | bytes] = []
+    for env in iter_envelopes(frame):
+        if env.kind == Kind.PUB:
+            bodies = msgpack.Unpacker()
+            bodies.feed(env.body)
+            for _ in range(env.corr):
+                start = bodies.tell()
+                bodies.skip()
+                seen.append((env.type, env.body[start : bodies.tell()]))
+            assert bodies.tell() == len(env.body)
+        else:
+            seen.append(pack_envelope(env.kind, env.type, env.sender, env.corr, "", env.body))
+    return seen
+
+
 @settings(max_examples=200, deadline=None)
-@given(queued=items, limit=st.integers(1, 400), run_limit=st.integers(1, 120))
-def test_take_frame_keeps_order_and_limits(
-    queued: list[Outgoing], limit: int, run_limit: int
+@given(steps=ops, max_size=st.integers(1, 120), limit=st.integers(1, 400))
+def test_publishes_leave_in_order_as_runs_within_limits(
+    steps: list[tuple[str, str, bytes]], max_size: int, limit: int
 ) -> None:
-    out: collections.deque[Outgoing] = collections.deque(queued)
-    seen: list[Outgoing] = []
-    while out:
-        frame, count = take_frame(out, limit, run_limit)
-        assert count >= 1
-        taken = 0
-        for env in iter_envelopes(frame):
-            if env.kind == Kind.PUB:
-                bodies = msgpack.Unpacker()
-                bodies.feed(env.body)
-                parts = []
-                for _ in range(env.corr):
-                    start = bodies.tell()
-                    bodies.skip()
-                    parts.append(env.body[start : bodies.tell()])
-                assert bodies.tell() == len(env.body)
-                # a run of several bodies stays within run_limit
-                assert env.corr == 1 or len(env.body) <= run_limit
-                seen.extend((env.type, p) for p in parts)
-                taken += env.corr
-            else:
-                seen.append(pack_envelope(env.kind, env.type, env.sender, env.corr, "", env.body))
-                taken += 1
-        assert taken == count
-    assert seen == queued
+    """Queue publishes and control envelopes, with the writer taking frames in between."""
+    peer = Peer("ws://127.0.0.1:9", "q")
+    peer._max_message_size = max_size
+    beat = pack_envelope(int(Kind.HEARTBEAT))
+    queued: list[tuple[str, bytes] | bytes] = []
+    sent: list[tuple[str, bytes] | bytes] = []
+
+    def take() -> None:
+        frame, count = take_frame(peer._out, limit)
+        if not peer._out:
+            peer._tail = None  # as the writer does
+        got = unpack_frame(frame)
+        assert len(got) == count
+        for env in iter_envelopes(frame):  # a run of several bodies fits one message's size
+            assert env.kind != Kind.PUB or env.corr == 1 or len(env.body) <= max_size
+        sent.extend(got)
+
+    for op, typ, data in steps:
+        if op == "pub":
+            body = msgpack.packb(data)
+            peer._queue_publish(typ, body)
+            queued.append((typ, body))
+        elif op == "ctl":
+            peer._push(beat)
+            queued.append(beat)
+        elif peer._out:
+            take()
+    while peer._out:
+        take()
+    assert sent == queued
+    assert peer._enqueued == len(queued)
 
 
-def test_take_frame_stops_at_max_batch() -> None:
-    out: collections.deque[Outgoing] = collections.deque(
-        ("A", b"\x80") for _ in range(MAX_BATCH + 10)
-    )
-    frame, count = take_frame(out, 1 << 20, 1 << 20)
-    assert count == MAX_BATCH and len(out) == 10
+def test_a_run_holds_at_most_max_batch_messages() -> None:
+    peer = Peer("ws://127.0.0.1:9", "q")
+    peer._max_message_size = 1 << 20
+    for _ in range(MAX_BATCH + 10):
+        peer._queue_publish("A", b"\x80")
+    frame, count = take_frame(peer._out, 1 << 20)
+    assert count == MAX_BATCH and len(peer._out) == 1
     (env,) = iter_envelopes(frame)
     assert env.corr == MAX_BATCH and env.body == b"\x80" * MAX_BATCH
 
