@@ -55,8 +55,9 @@ class _Conn:
         self.peer_id = peer_id
         self.ws = ws
         self.limit = limit
-        #: packed envelopes with the number of published messages each carries (0: control)
-        self.out: collections.deque[tuple[bytes, int]] = collections.deque()
+        #: envelopes as (head, body, published messages): a control envelope is all head and
+        #: carries none; a PUB run's body is shared by every subscriber's queue
+        self.out: collections.deque[tuple[bytes, bytes, int]] = collections.deque()
         self.queued = 0  # published messages in ``out``: at most ``limit``
         self.wakeup = trio.Event()
         self.dropped_pending = 0
@@ -79,13 +80,13 @@ class _Conn:
 
     def push(self, data: bytes) -> None:
         """Queue a control envelope (never dropped: bounded by the protocol itself)."""
-        self.out.append((data, 0))
+        self.out.append((data, b"", 0))
         self.wakeup.set()
 
-    def push_run(self, data: bytes, count: int) -> None:
+    def push_run(self, head: bytes, body: bytes, count: int) -> None:
         """Queue a PUB envelope of ``count`` messages (the caller checked the room)."""
         self.queued += count
-        self.out.append((data, count))
+        self.out.append((head, body, count))
         self.wakeup.set()
 
     def lost(self, count: int) -> None:

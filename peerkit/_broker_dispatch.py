@@ -7,7 +7,7 @@ from typing import Literal
 
 from . import codec
 from ._broker_conn import _PUB, BROKER_ID, _Conn, log
-from .codec import Envelope, control, pack_envelope
+from .codec import Envelope, control, envelope_head, pack_envelope
 from .errors import BrokerRequestError, DecodeError, MultiplePeersAvailable, NoHandlerError
 from .messages import BrokerGoodbyeMsg
 from .protocol import (
@@ -92,7 +92,7 @@ class BrokerDispatch:
         subscribers = self.routing.subscribers(msg_type, sender)
         if not subscribers:
             return
-        data = pack_envelope(_PUB, msg_type, sender, count, "", body)
+        head = envelope_head(_PUB, msg_type, sender, count, "", len(body))
         conns = self._conns
         for pid in subscribers:
             target = conns.get(pid)
@@ -100,15 +100,16 @@ class BrokerDispatch:
                 continue
             room = target.limit - target.queued
             if count <= room:
-                target.push_run(data, count)
+                target.push_run(head, body, count)
                 continue
             if room > 0:
                 try:
-                    head = codec.split_run(body, room)
+                    part = codec.split_run(body, room)
                 except DecodeError:
                     room = 0
                 else:
-                    target.push_run(pack_envelope(_PUB, msg_type, sender, room, "", head), room)
+                    part_head = envelope_head(_PUB, msg_type, sender, room, "", len(part))
+                    target.push_run(part_head, part, room)
             target.lost(count - room)
             if self.overflow == "disconnect":
                 target.kick(

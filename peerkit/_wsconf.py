@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 
-from .codec import pack_envelope
+from .codec import envelope_head
 from .protocol import Kind
 
 _PUB = int(Kind.PUB)
@@ -61,25 +61,31 @@ def take_frame(out: collections.deque[Outgoing], limit: int) -> tuple[bytes, int
         if isinstance(item, bytes):
             parts.append(item)
             taken += 1
-        else:
+            size += len(item)
+        else:  # the bodies are copied once, into the frame
             bodies = item.bodies
-            item = pack_envelope(_PUB, item.type, "", len(bodies), "", b"".join(bodies))
-            parts.append(item)
+            parts.append(envelope_head(_PUB, item.type, "", len(bodies), "", item.size))
+            parts += bodies
             taken += len(bodies)
-        size += len(item)
+            size += item.size
     return (parts[0] if len(parts) == 1 else b"".join(parts)), taken
 
 
-def take_counted(out: collections.deque[tuple[bytes, int]], limit: int, parts: list[bytes]) -> int:
-    """The broker's writer: move queued ``(envelope, messages)`` pairs into ``parts``.
+def take_counted(
+    out: collections.deque[tuple[bytes, bytes, int]], limit: int, parts: list[bytes]
+) -> int:
+    """The broker's writer: move queued ``(head, body, messages)`` envelopes into ``parts``.
 
     Stops past ``limit`` bytes or at :data:`MAX_BATCH` envelopes (one is always taken);
     returns how many published messages were taken.
     """
-    size = messages = 0
-    while out and size < limit and len(parts) < MAX_BATCH:
-        data, count = out.popleft()
-        parts.append(data)
-        size += len(data)
+    size = messages = envelopes = 0
+    while out and size < limit and envelopes < MAX_BATCH:
+        head, body, count = out.popleft()
+        parts.append(head)
+        if body:
+            parts.append(body)
+        size += len(head) + len(body)
         messages += count
+        envelopes += 1
     return messages

@@ -31,6 +31,7 @@ __all__ = [
     "decode_message",
     "decode_run",
     "encode_body",
+    "envelope_head",
     "iter_envelopes",
     "pack_envelope",
     "split_run",
@@ -434,12 +435,26 @@ class Envelope(NamedTuple):
     body: bytes
 
 
+def envelope_head(
+    kind: int, type: str, sender: str, corr: int, target: str, body_size: int
+) -> bytes:
+    """The bytes of an envelope up to its body: ``envelope_head(...) + body`` is the packed
+    envelope, so writers can join bodies into a frame without copying them first."""
+    fields: bytes = _packb((kind, type, sender, corr, target))  # a fixarray: 1 header byte
+    if body_size < 0x100:
+        size = b"\xc4" + body_size.to_bytes(1, "big")
+    elif body_size < 0x10000:
+        size = b"\xc5" + body_size.to_bytes(2, "big")
+    else:
+        size = b"\xc6" + body_size.to_bytes(4, "big")
+    return b"\x96" + fields[1:] + size
+
+
 def pack_envelope(
     kind: int, type: str = "", sender: str = "", corr: int = 0, target: str = "", body: bytes = b""
 ) -> bytes:
     """Pack one envelope; frames are concatenations of packed envelopes."""
-    packed: bytes = _packb((kind, type, sender, corr, target, body))
-    return packed
+    return envelope_head(kind, type, sender, corr, target, len(body)) + body
 
 
 #: builds an Envelope from the checked 6-tuple without re-reading its fields

@@ -625,3 +625,20 @@ def test_control_envelope() -> None:
     assert decode_body(RegisterHandler, env.body) == RegisterHandler(msg_type="T")
     (empty,) = iter_envelopes(codec.control(Kind.HEARTBEAT))
     assert (empty.kind, empty.body) == (int(Kind.HEARTBEAT), b"")
+
+
+@given(
+    kind=st.integers(1, 21),
+    type_name=st.text(max_size=40),
+    sender=st.text(max_size=300),
+    corr=st.integers(0, 2**64 - 1),
+    target=st.text(max_size=20),
+    size=st.sampled_from([0, 1, 255, 256, 65535, 65536, 70000]),
+)
+def test_envelope_head_is_the_packed_envelope_before_its_body(
+    kind: int, type_name: str, sender: str, corr: int, target: str, size: int
+) -> None:
+    body = b"b" * size
+    packed = msgpack.packb((kind, type_name, sender, corr, target, body), use_bin_type=True)
+    head = codec.envelope_head(kind, type_name, sender, corr, target, size)
+    assert head + body == packed == pack_envelope(kind, type_name, sender, corr, target, body)
