@@ -75,8 +75,8 @@ class Broker(BrokerDispatch, OwnNursery):
     * ``heartbeat_interval`` / ``heartbeat_timeout``: peers send a heartbeat every interval;
       a peer silent for ``heartbeat_timeout`` seconds is dropped and a ``PanickMsg`` is
       published on its behalf.
-    * ``send_queue_size``: outgoing envelopes queued per connection before published
-      messages are dropped for it.
+    * ``send_queue_size``: published messages queued per connection; what does not fit is
+      dropped for that peer and counted (control envelopes are never dropped).
     * ``overflow``: ``"drop"`` (default: drop and tell the subscriber how many) or
       ``"disconnect"`` (close a subscriber that cannot keep up).
     * ``grace_period``: seconds a clean shutdown waits for peers to say goodbye.

@@ -84,8 +84,9 @@ class Peer(PeerMessaging, OwnNursery):
     ``connect_timeout`` (seconds to reach the broker, retrying while it is not up yet),
     ``request_timeout`` (broker acknowledgements), ``query_timeout`` (default for
     :meth:`query`), ``send_timeout`` (how long :meth:`send_message` waits for room in a full
-    queue), ``grace_period`` (bound on the graceful part of shutdown), ``send_queue_size``,
-    ``receive_queue_size`` (messages waiting for handlers; overflow drops and counts),
+    queue), ``grace_period`` (bound on the graceful part of shutdown), ``send_queue_size``
+    (messages queued and not yet written), ``receive_queue_size`` (messages waiting for
+    handlers; overflow drops and counts),
     ``max_concurrent_queries`` (query handlers running at once), ``is_essential``.
     """
 
