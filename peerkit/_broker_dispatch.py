@@ -7,6 +7,7 @@ from typing import Literal
 
 from . import codec
 from ._broker_conn import _PUB, BROKER_ID, _Conn, log
+from ._wsconf import MAX_BATCH
 from .codec import Envelope, control, envelope_head, pack_envelope
 from .errors import BrokerRequestError, DecodeError, MultiplePeersAvailable, NoHandlerError
 from .messages import BrokerGoodbyeMsg
@@ -39,8 +40,13 @@ class BrokerDispatch:
             count = env.corr
             if len(env.body) > self.max_message_size:
                 self._refuse_too_large(conn, env)
-            elif count < 1:
-                self._error(conn, "bad_request", "a PUB envelope must carry at least 1 message")
+            elif not 1 <= count <= min(MAX_BATCH, len(env.body)):
+                self._error(
+                    conn,
+                    "bad_request",
+                    f"a PUB envelope carries 1 to {MAX_BATCH} messages of at least one byte "
+                    f"each; this one announced {count} in {len(env.body)} bytes",
+                )
             else:
                 conn.msgs_in += count
                 self._publish(conn.peer_id, env.type, env.body, count)

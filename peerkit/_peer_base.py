@@ -31,8 +31,8 @@ _DROPPED_TYPE = MessagesDropped.message_type()
 #: send_message yields to the scheduler (and so lets the writer fill a frame) once it queued
 #: this many bytes since it last did, counting each message as its body plus _YIELD_OVERHEAD
 #: (about a thousand 100-byte messages, or sixteen of 8 KiB)
-_YIELD_BYTES = 512 * 1024
-_YIELD_OVERHEAD = 256
+_YIELD_BYTES = 128 * 1024
+_YIELD_OVERHEAD = 32
 
 
 # ------------------------------------------------------------------ internals

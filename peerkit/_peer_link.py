@@ -166,12 +166,12 @@ class PeerLink(PeerBase):
             await self._out_ready.wait()
             self._out_ready = trio.Event()
             while out:
-                frame, count = take_frame(out, limit)
+                frame, count, published = take_frame(out, limit)
                 if not out:  # the tail run is packed: the next message starts another
                     self._tail = None
                 await ws.send_message(frame)
                 self._sent += count
-                self.msgs_out += count
+                self.msgs_out += published
                 self._progress.unpark_all()
 
     async def _heartbeat(self) -> None:

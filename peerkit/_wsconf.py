@@ -47,15 +47,16 @@ class Run:
 Outgoing = bytes | Run
 
 
-def take_frame(out: collections.deque[Outgoing], limit: int) -> tuple[bytes, int]:
-    """Move queued items from the left of ``out`` into one frame; return it and how many
-    envelopes or published messages it holds.
+def take_frame(out: collections.deque[Outgoing], limit: int) -> tuple[bytes, int, int]:
+    """Move queued items from the left of ``out`` into one frame.
 
-    Each :class:`Run` becomes one PUB envelope (see :mod:`peerkit.protocol`). Stops past
-    ``limit`` bytes or at :data:`MAX_BATCH` messages; one item is always taken.
+    Returns the frame, how many items (envelopes or published messages) it holds, and how
+    many of those are published messages. Each :class:`Run` becomes one PUB envelope (see
+    :mod:`peerkit.protocol`). Stops past ``limit`` bytes or at :data:`MAX_BATCH` items; one
+    item is always taken.
     """
     parts: list[bytes] = []
-    size = taken = 0
+    size = taken = published = 0
     while out and size < limit and taken < MAX_BATCH:
         item = out.popleft()
         if isinstance(item, bytes):
@@ -64,11 +65,13 @@ def take_frame(out: collections.deque[Outgoing], limit: int) -> tuple[bytes, int
             size += len(item)
         else:  # the bodies are copied once, into the frame
             bodies = item.bodies
-            parts.append(envelope_head(_PUB, item.type, "", len(bodies), "", item.size))
+            head = envelope_head(_PUB, item.type, "", len(bodies), "", item.size)
+            parts.append(head)
             parts += bodies
             taken += len(bodies)
-            size += item.size
-    return (parts[0] if len(parts) == 1 else b"".join(parts)), taken
+            published += len(bodies)
+            size += len(head) + item.size
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), taken, published
 
 
 def take_counted(

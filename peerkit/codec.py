@@ -275,14 +275,14 @@ def _scalar_structurer(cls: type[Message]) -> _Structurer | None:
     # field names are identifiers (attrs checked them); the types are bound, not spelled
     lines = ["def structure(data, sender):"]
     if checks:
-        lines += [f"    if len(data) == {len(checks)}:", "        try:"]
+        lines += [f"    if type(data) is dict and len(data) == {len(checks)}:", "        try:"]
         lines += [f"            v{i} = data[{name!r}]" for i, (name, _) in enumerate(checks)]
         lines += ["        except KeyError:", "            pass", "        else:"]
         exact = " and ".join(f"type(v{i}) is t{i}" for i in range(len(checks)))
         args = "".join(f", {name}=v{i}" for i, (name, _) in enumerate(checks))
         lines += [f"            if {exact}:", f"                return cls(sender=sender{args})"]
     else:
-        lines += ["    if not data:", "        return cls(sender=sender)"]
+        lines += ["    if type(data) is dict and not data:", "        return cls(sender=sender)"]
     lines += ["    return generic(data, sender)"]
     namespace: dict[str, Any] = {"cls": cls, "generic": generic}
     namespace.update((f"t{i}", typ) for i, (_, typ) in enumerate(checks))
@@ -378,6 +378,9 @@ def decode_run(
     end = 0
     try:
         for data in unpacker:
+            if len(out) == count:  # more bodies than announced: the rest is not delivered
+                end = -1
+                break
             end = unpacker.tell()
             try:
                 append(fast(data, sender))
@@ -400,13 +403,17 @@ def decode_run(
             )
         )
         return out
-    if len(out) != count or end != len(bodies):
-        out.append(
-            DecodeError(
-                f"malformed run of {_what(cls, sender)}: {count} bodies announced, "
-                f"{len(out)} found" + ("" if end == len(bodies) else " and a truncated one")
-            )
-        )
+    if end < 0:
+        why = "more bodies than announced (the extra ones were not delivered)"
+    elif len(out) != count:
+        why = f"{len(out)} found" + ("" if end == len(bodies) else " and a truncated one")
+    elif end != len(bodies):
+        why = "then a truncated one"
+    else:
+        return out
+    out.append(
+        DecodeError(f"malformed run of {_what(cls, sender)}: {count} bodies announced, {why}")
+    )
     return out
 
 

@@ -72,6 +72,10 @@ class Message:
 def _register(cls: type[Message], type_name: str) -> None:
     if not isinstance(type_name, str) or not type_name:
         raise PeerkitError(f"message type name must be a non-empty string, got {type_name!r}")
+    try:
+        type_name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PeerkitError(f"message type name {type_name!r} is not valid UTF-8 text") from None
     old = _REGISTRY.get(type_name)
     if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
         raise PeerkitError(

@@ -175,7 +175,9 @@ class Peer(PeerMessaging, OwnNursery):
             self.is_essential = is_essential
 
         # statistics (read freely)
+        #: published messages received from the broker
         self.msgs_in = 0
+        #: published messages written to the broker
         self.msgs_out = 0
         #: messages lost for this peer: reported by the broker or dropped locally
         self.dropped_messages = 0

@@ -245,11 +245,13 @@ def test_message_decorates_only_message_subclasses(target: Any, clean_registry: 
     assert registered_types() == before
 
 
-@pytest.mark.parametrize("bad", ["", 3])
-def test_bad_type_names_refused(bad: Any, clean_registry: None) -> None:
+@pytest.mark.parametrize(
+    ("bad", "why"), [("", "non-empty string"), (3, "non-empty string"), ("a\udc80", "UTF-8")]
+)
+def test_bad_type_names_refused(bad: Any, why: str, clean_registry: None) -> None:
     before = registered_types()
 
-    with pytest.raises(PeerkitError, match="non-empty string"):
+    with pytest.raises(PeerkitError, match=why):
 
         @message(type=bad)
         class BadName(Message):

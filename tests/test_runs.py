@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from test_broker import next_envelope, raw
 
 from peerkit import Broker, Message, Peer, codec, message
-from peerkit._wsconf import MAX_BATCH, take_frame
+from peerkit._wsconf import MAX_BATCH, batch_limit, take_frame, ws_max_frame
 from peerkit.codec import decode_run, encode_body, iter_envelopes, pack_envelope, split_run
 from peerkit.errors import DecodeError
 from peerkit.messages import MessagesDropped
@@ -29,6 +29,21 @@ class Item(Message):
 @message(type="tr.Other")
 class OtherItem(Message):
     n: int
+
+
+@message(type="tr." + "long-type-name-" * 8 + "A")
+class LongA(Message):
+    n: int
+
+
+@message(type="tr." + "long-type-name-" * 8 + "B")
+class LongB(Message):
+    n: int
+
+
+@message(type="tr.Empty")
+class EmptyItem(Message):
+    pass
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +76,7 @@ def test_a_bad_body_in_a_run_is_an_error_in_its_place_and_the_rest_decode() -> N
     ("bodies", "count", "why"),
     [
         (run_of(Item(n=1), Item(n=2)), 3, "3 bodies announced, 2 found"),
-        (run_of(Item(n=1), Item(n=2)), 1, "1 bodies announced, 2 found"),
+        (run_of(Item(n=1), Item(n=2)), 1, "more bodies than announced"),
         (run_of(Item(n=1)) + run_of(Item(n=2))[:-1], 2, "truncated"),
         (run_of(Item(n=1)) + b"\xc1", 2, "not valid msgpack"),
     ],
@@ -77,6 +92,20 @@ def test_malformed_runs_end_with_one_error(bodies: bytes, count: int, why: str) 
 def test_arbitrary_bytes_as_a_run_only_yield_messages_or_errors(data: bytes, count: int) -> None:
     for item in decode_run(Item, data, "x", count):
         assert isinstance(item, Item | DecodeError)
+
+
+def test_more_bodies_than_announced_are_not_delivered() -> None:
+    got = decode_run(Item, run_of(*(Item(n=i) for i in range(50))), "p", 2)
+    assert got[:2] == [Item(n=0, sender="p"), Item(n=1, sender="p")] and len(got) == 3
+    assert isinstance(got[2], DecodeError) and "more bodies than announced" in str(got[2])
+
+
+@pytest.mark.parametrize("value", [None, False, 0, 0.0, "", b"", [], {"x": 1}])
+def test_a_fieldless_message_needs_an_empty_map(value: object) -> None:
+    body = msgpack.packb(value, use_bin_type=True)
+    (got,) = decode_run(EmptyItem, body, "x", 1)
+    assert isinstance(got, DecodeError)
+    assert decode_run(EmptyItem, msgpack.packb({}), "x", 1) == [EmptyItem(sender="x")]
 
 
 def test_split_run_keeps_the_first_bodies() -> None:
@@ -132,11 +161,12 @@ def test_publishes_leave_in_order_as_runs_within_limits(
     sent: list[tuple[str, bytes] | bytes] = []
 
     def take() -> None:
-        frame, count = take_frame(peer._out, limit)
+        frame, count, published = take_frame(peer._out, limit)
         if not peer._out:
             peer._tail = None  # as the writer does
         got = unpack_frame(frame)
         assert len(got) == count
+        assert published == sum(isinstance(item, tuple) for item in got)
         for env in iter_envelopes(frame):  # a run of several bodies fits one message's size
             assert env.kind != Kind.PUB or env.corr == 1 or len(env.body) <= max_size
         sent.extend(got)
@@ -157,13 +187,24 @@ def test_publishes_leave_in_order_as_runs_within_limits(
     assert peer._enqueued == len(queued)
 
 
+def test_a_frame_of_one_message_runs_stays_within_the_websocket_limit() -> None:
+    """Alternating types make one run per message: the frame counts their headers too."""
+    peer = Peer("ws://127.0.0.1:9", "q")
+    peer._max_message_size = max_size = 16384
+    for i in range(MAX_BATCH):
+        peer._queue_publish((LongA if i % 2 else LongB).message_type(), b"\x81\xa1n\x01")
+    frame, count, _ = take_frame(peer._out, batch_limit(max_size))
+    assert len(frame) <= batch_limit(max_size) + max_size < ws_max_frame(max_size)
+    assert count < MAX_BATCH  # it stopped at the byte limit
+
+
 def test_a_run_holds_at_most_max_batch_messages() -> None:
     peer = Peer("ws://127.0.0.1:9", "q")
     peer._max_message_size = 1 << 20
     for _ in range(MAX_BATCH + 10):
         peer._queue_publish("A", b"\x80")
-    frame, count = take_frame(peer._out, 1 << 20)
-    assert count == MAX_BATCH and len(peer._out) == 1
+    frame, count, published = take_frame(peer._out, 1 << 20)
+    assert count == published == MAX_BATCH and len(peer._out) == 1
     (env,) = iter_envelopes(frame)
     assert env.corr == MAX_BATCH and env.body == b"\x80" * MAX_BATCH
 
@@ -191,14 +232,77 @@ async def test_publisher_batches_arrive_as_runs_in_order(broker: Broker) -> None
             assert runs < 300  # batched, not one envelope per message
 
 
-async def test_pub_envelope_without_messages_is_refused(broker: Broker) -> None:
+@pytest.mark.parametrize(
+    ("count", "bodies"),
+    [
+        (0, b""),
+        (0, run_of(Item(n=1))),
+        (10**6, run_of(Item(n=1))),  # more messages than bytes
+        (2**64 - 1, b"\x80" * 100),
+        (MAX_BATCH + 1, b"\x80" * (MAX_BATCH + 1)),
+    ],
+)
+async def test_pub_envelopes_with_impossible_counts_are_refused(
+    broker: Broker, count: int, bodies: bytes
+) -> None:
     with trio.fail_after(10):
-        async with raw(broker.url, "rogue") as ws:
-            await ws.send_message(pack_envelope(int(Kind.PUB), "tr.Item", "", 0, "", b""))
-            env = await next_envelope(ws, Kind.ERROR)
-            failure = codec.decode_body(RequestFailed, env.body)
-            assert isinstance(failure, RequestFailed) and failure.code == "bad_request"
-            assert "rogue" in broker.peer_ids
+        async with Peer(broker.url, "sub") as sub, raw(broker.url, "rogue") as ws:
+            async with sub.subscription(Item) as items:
+                await ws.send_message(
+                    pack_envelope(int(Kind.PUB), "tr.Item", "", count, "", bodies)
+                )
+                env = await next_envelope(ws, Kind.ERROR)
+                failure = codec.decode_body(RequestFailed, env.body)
+                assert isinstance(failure, RequestFailed) and failure.code == "bad_request"
+                assert "rogue" in broker.peer_ids
+                # nothing was delivered or counted, and the broker still routes and reports
+                await ws.send_message(
+                    pack_envelope(int(Kind.PUB), "tr.Item", "", 1, "", run_of(Item(n=7)))
+                )
+                assert (await items.receive()).n == 7
+            assert sub.dropped_messages == 0 and sub.msgs_in == 1
+            info = await sub.broker_info()
+            assert [p.msgs_in for p in info.peers if p.peer_id == "rogue"] == [1]
+
+
+async def test_a_run_announcing_fewer_messages_delivers_only_those(broker: Broker) -> None:
+    with trio.fail_after(10):
+        async with Peer(broker.url, "sub") as sub, raw(broker.url, "rogue") as ws:
+            async with sub.subscription(Item) as items, sub.subscription(OtherItem) as marks:
+                bodies = run_of(*(Item(n=i) for i in range(50)))
+                await ws.send_message(pack_envelope(int(Kind.PUB), "tr.Item", "", 2, "", bodies))
+                await ws.send_message(
+                    pack_envelope(int(Kind.PUB), "tr.Other", "", 1, "", run_of(OtherItem(n=1)))
+                )
+                await marks.receive()  # everything before it was handled
+                assert [(await items.receive()).n for _ in range(2)] == [0, 1]
+                with pytest.raises(trio.WouldBlock):
+                    items.receive_nowait()
+            assert sub.msgs_in == 3 and sub.decode_errors == 1
+
+
+async def test_publishing_alternating_types_keeps_the_connection(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        broker = Broker(max_message_size=16384)
+        await nursery.start(broker.run)
+        got: list[int] = []
+        done = trio.Event()
+
+        def on(msg: LongA | LongB) -> None:
+            got.append(msg.n)
+            if len(got) == 2000:
+                done.set()
+
+        async with Peer(broker.url, "sub") as sub, Peer(broker.url, "pub") as pub:
+            await sub.subscribe_for_all_msg_subtype(LongA, on)
+            await sub.subscribe_for_all_msg_subtype(LongB, on)
+            for i in range(2000):
+                await pub.send_message((LongA if i % 2 else LongB)(n=i))
+            await done.wait()
+            assert got == list(range(2000)) and pub.is_connected
+            assert pub.msgs_out == 2000  # published messages only, like the broker's msgs_in
+            info = await pub.broker_info()
+            assert [p.msgs_in for p in info.peers if p.peer_id == "pub"] == [2000]
 
 
 async def test_a_run_that_half_fits_the_queue_is_split_and_the_rest_counted(
