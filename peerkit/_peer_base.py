@@ -30,9 +30,9 @@ _PUB = int(Kind.PUB)
 _DROPPED_TYPE = MessagesDropped.message_type()
 #: send_message yields to the scheduler (and so lets the writer fill a frame) once it queued
 #: this many bytes since it last did, counting each message as its body plus _YIELD_OVERHEAD
-#: (about a thousand 100-byte messages, or sixteen of 8 KiB)
-_YIELD_BYTES = 128 * 1024
-_YIELD_OVERHEAD = 32
+#: (about 850 messages of 100 bytes, or 60 of 8 KiB: frames of ~100-500 KiB under load)
+_YIELD_BYTES = 512 * 1024
+_YIELD_OVERHEAD = 512
 
 
 # ------------------------------------------------------------------ internals
