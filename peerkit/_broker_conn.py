@@ -5,14 +5,10 @@ from __future__ import annotations
 import collections
 import ipaddress
 import logging
-import ssl
-from collections.abc import Callable
-from typing import Any
 
 import trio
-import trio_websocket
 
-from ._wsconf import RECEIVE_BUFFER
+from ._ws import WebSocket
 from .errors import PeerkitError
 from .messages import BrokerGoodbyeMsg, PanickMsg, PeerLeft
 from .protocol import Kind
@@ -51,7 +47,7 @@ class _Conn:
         "ws",
     )
 
-    def __init__(self, peer_id: str, ws: trio_websocket.WebSocketConnection, limit: int) -> None:
+    def __init__(self, peer_id: str, ws: WebSocket, limit: int) -> None:
         self.peer_id = peer_id
         self.ws = ws
         self.limit = limit
@@ -94,31 +90,6 @@ class _Conn:
         self.dropped_pending += count
         self.dropped_total += count
         self.wakeup.set()
-
-
-async def _serve(
-    handler: Callable[[trio_websocket.WebSocketRequest], Any],
-    host: str,
-    port: int,
-    ssl_context: ssl.SSLContext | None,
-    max_frame: int,
-    handshake_timeout: float,
-    grace: float,
-    *,
-    task_status: trio.TaskStatus[trio_websocket.WebSocketServer] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    await trio_websocket.serve_websocket(
-        handler,
-        host,
-        port,
-        ssl_context,
-        max_message_size=max_frame,
-        message_queue_size=4,
-        receive_buffer_size=RECEIVE_BUFFER,
-        connect_timeout=handshake_timeout,
-        disconnect_timeout=grace,
-        task_status=task_status,
-    )
 
 
 def _check_bind(host: str, token: str | None) -> None:

@@ -11,8 +11,8 @@ from typing import Any
 
 import attrs
 import trio
-import trio_websocket
 
+from . import _ws
 from ._wsconf import Outgoing, Run
 from .codec import Envelope
 from .errors import NotConnectedException, ShuttingDownException
@@ -76,7 +76,7 @@ class PeerBase(StateMachine):
     _error: BaseException | None
     _main_scope: trio.CancelScope
     _stop_on_shutdown: bool
-    _ws: trio_websocket.WebSocketConnection | None
+    _ws: _ws.WebSocket | None
     _link_ok: bool
     _can_send: bool
     _welcome: Welcome | None

@@ -7,9 +7,8 @@ import ssl
 import urllib.parse
 
 import trio
-import trio_websocket
 
-from . import codec
+from . import _ws, codec
 from ._peer_base import (
     _DROPPED_TYPE,
     _PEER_WS_MAX_FRAME,
@@ -18,7 +17,7 @@ from ._peer_base import (
     _Pending,
     log,
 )
-from ._wsconf import MAX_BATCH, RECEIVE_BUFFER, Run, batch_limit, take_frame
+from ._wsconf import MAX_BATCH, Run, batch_limit, take_frame
 from .codec import Envelope, control, pack_envelope
 from .errors import (
     BrokerConnectError,
@@ -40,7 +39,7 @@ class PeerLink(PeerBase):
     def _query_error(self, env: Envelope, code: str, detail: str) -> None:
         raise NotImplementedError  # pragma: no cover - PeerMessaging provides it
 
-    async def _open_websocket(self, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection:
+    async def _open_websocket(self) -> _ws.WebSocket:
         url = urllib.parse.urlsplit(self.broker_url)
         host = url.hostname or "127.0.0.1"
         port = url.port or (443 if url.scheme == "wss" else 80)
@@ -60,14 +59,8 @@ class PeerLink(PeerBase):
                 ) from exc
             stream = tls
         resource = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        return await trio_websocket.wrap_client_stream(
-            nursery,
-            stream,
-            url.netloc,
-            resource,
-            max_message_size=_PEER_WS_MAX_FRAME,
-            message_queue_size=4,
-            receive_buffer_size=RECEIVE_BUFFER,
+        return await _ws.connect(
+            stream, url.netloc, resource, _PEER_WS_MAX_FRAME, close_timeout=self.grace_period
         )
 
     async def _connect(self, nursery: trio.Nursery) -> None:
@@ -77,10 +70,10 @@ class PeerLink(PeerBase):
         with trio.move_on_at(deadline) as scope:
             while True:
                 try:
-                    ws = await self._open_websocket(nursery)
+                    ws = await self._open_websocket()
                     break
-                except (OSError, trio_websocket.HandshakeError) as exc:
-                    if isinstance(exc, trio_websocket.ConnectionRejected):
+                except (OSError, trio.BrokenResourceError, _ws.HandshakeError) as exc:
+                    if isinstance(exc, _ws.ConnectionRejected):
                         raise BrokerConnectError(
                             f"the server at {self.broker_url} refused the WebSocket connection "
                             f"(HTTP {exc.status_code}); is it a peerkit broker?"
@@ -96,7 +89,7 @@ class PeerLink(PeerBase):
             try:
                 await ws.send_message(control(Kind.HELLO, hello))
                 frame = await ws.get_message()
-            except trio_websocket.ConnectionClosed as exc:
+            except _ws.ConnectionClosed as exc:
                 raise BrokerConnectError(
                     f"the broker at {self.broker_url} closed the connection during the "
                     f"handshake: {exc.reason}"

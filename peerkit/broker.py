@@ -16,9 +16,8 @@ from collections.abc import Callable
 from typing import Literal
 
 import trio
-import trio_websocket
 
-from . import codec
+from . import _ws, codec
 from ._broker_conn import (
     _MAX_ID_LEN,
     _PANICK_TYPE,
@@ -27,7 +26,6 @@ from ._broker_conn import (
     BROKER_ID,
     _check_bind,
     _Conn,
-    _serve,
     log,
 )
 from ._broker_dispatch import BrokerDispatch
@@ -202,8 +200,8 @@ class Broker(BrokerDispatch, OwnNursery):
     async def _serve_until_shutdown(self, task_status: trio.TaskStatus[Broker]) -> None:
         if True:
             async with trio.open_nursery() as nursery:
-                server = await nursery.start(
-                    _serve,
+                self._port = await nursery.start(
+                    _ws.serve,
                     self._handle_connection,
                     self.host,
                     self._port,
@@ -212,7 +210,6 @@ class Broker(BrokerDispatch, OwnNursery):
                     self.handshake_timeout,
                     self.grace_period,
                 )
-                self._port = server.port
                 self._listening = True
                 nursery.start_soon(self._monitor)
                 log.info("broker listening on %s", self.url)
@@ -249,13 +246,9 @@ class Broker(BrokerDispatch, OwnNursery):
             conn.scope.cancel(reason="broker shut down")
 
     # ------------------------------------------------------------- connections
-    async def _handle_connection(self, request: trio_websocket.WebSocketRequest) -> None:
-        # trio-websocket runs this in the server's nursery: an exception escaping it would
-        # take the whole broker down, so whatever one connection does ends with it.
-        try:
-            ws = await request.accept()
-        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
-            return
+    async def _handle_connection(self, ws: _ws.WebSocket) -> None:
+        # This runs in the server's nursery: an exception escaping it would take the whole
+        # broker down, so whatever one connection does ends with it.
         conn: _Conn | None = None
         try:
             conn = await self._handshake(ws)
@@ -269,7 +262,7 @@ class Broker(BrokerDispatch, OwnNursery):
                         nursery.cancel_scope.cancel()
             finally:
                 self._remove(conn)
-        except* (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
+        except* (_ws.ConnectionClosed, trio.BrokenResourceError, OSError):
             pass  # the peer went away; _remove() has dealt with it
         except* Exception as group:
             log.error("connection handler failed (the broker carries on)", exc_info=group)
@@ -281,19 +274,17 @@ class Broker(BrokerDispatch, OwnNursery):
                 else:
                     await ws.aclose()
 
-    async def _handshake(self, ws: trio_websocket.WebSocketConnection) -> _Conn | None:
+    async def _handshake(self, ws: _ws.WebSocket) -> _Conn | None:
         with trio.move_on_after(self.handshake_timeout):
             try:
                 frame = await ws.get_message()
-            except trio_websocket.ConnectionClosed:
+            except _ws.ConnectionClosed:
                 return None
             return await self._accept_hello(ws, frame)
         await self._reject(ws, "bad_hello", f"no hello within {self.handshake_timeout} s")
         return None
 
-    async def _accept_hello(
-        self, ws: trio_websocket.WebSocketConnection, frame: bytes | str
-    ) -> _Conn | None:
+    async def _accept_hello(self, ws: _ws.WebSocket, frame: bytes | str) -> _Conn | None:
         try:
             envs = list(codec.iter_envelopes(frame))  # type: ignore[arg-type]
             if len(envs) != 1 or envs[0].kind != Kind.HELLO:
@@ -358,14 +349,12 @@ class Broker(BrokerDispatch, OwnNursery):
         await self._reject(ws, reason, detail)
         return None
 
-    async def _reject(
-        self, ws: trio_websocket.WebSocketConnection, reason: str, detail: str
-    ) -> None:
+    async def _reject(self, ws: _ws.WebSocket, reason: str, detail: str) -> None:
         with trio.move_on_after(self.grace_period):
             try:
                 await ws.send_message(control(Kind.REJECT, Reject(reason=reason, detail=detail)))
                 await ws.aclose(code=1008, reason=reason)
-            except trio_websocket.ConnectionClosed:
+            except _ws.ConnectionClosed:
                 pass
 
     def _remove(self, conn: _Conn) -> None:
@@ -436,7 +425,7 @@ class Broker(BrokerDispatch, OwnNursery):
         while True:
             try:
                 frame = await ws.get_message()
-            except trio_websocket.ConnectionClosed:
+            except _ws.ConnectionClosed:
                 return
             conn.last_seen = trio.current_time()
             try:

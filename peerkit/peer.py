@@ -9,9 +9,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import trio
-import trio_websocket
 
-from . import codec
+from . import _ws, codec
 from ._checks import check_positive_int, check_seconds
 from ._peer_base import Handler, _Pending, _Sub, log
 from ._peer_messaging import PeerMessaging
@@ -196,7 +195,7 @@ class Peer(PeerMessaging, OwnNursery):
         self._reported_started = False
         self._start_requested = False
 
-        self._ws: trio_websocket.WebSocketConnection | None = None
+        self._ws: _ws.WebSocket | None = None
         self._link_ok = False
         self._can_send = False
         self._welcome: Welcome | None = None
@@ -487,7 +486,7 @@ class Peer(PeerMessaging, OwnNursery):
     async def _sys_guarded(self, fn: Callable[[], Awaitable[None]]) -> None:
         try:
             await fn()
-        except trio_websocket.ConnectionClosed as exc:
+        except _ws.ConnectionClosed as exc:
             self._link_ok = False
             if not self.is_shutting_down:
                 reason = exc.reason

@@ -1,0 +1,299 @@
+"""A lean WebSocket connection for trio, on wsproto (internal).
+
+wsproto does the protocol (handshake, framing, masking, close and ping rules); this module
+only moves its bytes. Unlike trio-websocket it has no background reader task, no message
+channel and no send lock: :meth:`WebSocket.get_message` reads and parses in the calling task,
+and :meth:`WebSocket.send_message` writes straight to the stream. Each of those hand-offs is
+a trio scheduling pass, and on a small VM a pass that follows an idle moment costs tens of
+microseconds of cold execution; a message crossing the broker took six more of them than it
+needs.
+
+Readers and senders each take turns through a flag: normally one task reads (the peer's
+or the broker's reader) and one writes; a task that finds the stream busy (closing while the
+reader still runs, answering a ping during a send) parks until it is free.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import ProtocolError
+
+from ._wsconf import RECEIVE_BUFFER
+
+__all__ = ["CloseReason", "ConnectionClosed", "ConnectionRejected", "HandshakeError", "WebSocket"]
+
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class CloseReason(NamedTuple):
+    """Why a connection closed: the WebSocket close code and reason."""
+
+    code: int
+    reason: str
+
+
+class ConnectionClosed(Exception):
+    """The connection is closed (``reason`` says how)."""
+
+    def __init__(self, reason: CloseReason) -> None:
+        super().__init__(f"WebSocket closed (code {reason.code}: {reason.reason})")
+        self.reason = reason
+
+
+class HandshakeError(Exception):
+    """The WebSocket opening handshake failed."""
+
+
+class ConnectionRejected(HandshakeError):
+    """The server answered the opening handshake with an HTTP error status."""
+
+    def __init__(self, status_code: int) -> None:
+        super().__init__(f"the server rejected the WebSocket handshake (HTTP {status_code})")
+        self.status_code = status_code
+
+
+class WebSocket:
+    """One WebSocket connection over a trio stream (TCP or TLS)."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        kind: ConnectionType,
+        max_message_size: int,
+        close_timeout: float,
+    ) -> None:
+        self._stream = stream
+        self._conn = WSConnection(kind)
+        self._max = max_message_size
+        self._close_timeout = close_timeout
+        self._messages: collections.deque[bytes | str] = collections.deque()
+        self._parts: list[Any] = []  # the pieces of a message in progress
+        self._size = 0
+        self._closed: CloseReason | None = None
+        self._eof = False
+        self._control: list[bytes] = []  # pongs and close frames waiting to be sent
+        self._sending = False
+        self._send_free = trio.lowlevel.ParkingLot()
+        self._reading = False
+        self._read_done = trio.lowlevel.ParkingLot()
+        self._handshake: Event | None = None
+
+    @property
+    def closed(self) -> CloseReason | None:
+        """Why the connection closed, or None while it is open."""
+        return self._closed
+
+    # ------------------------------------------------------------------ receiving
+    async def get_message(self) -> bytes | str:
+        """The next message; :class:`ConnectionClosed` once closed and drained."""
+        while not self._messages:
+            if self._closed is not None:
+                raise ConnectionClosed(self._closed)
+            await self._receive()
+        return self._messages.popleft()
+
+    async def _receive(self) -> None:
+        """Read once, let wsproto parse, and send what the protocol asks for.
+
+        If another task is reading, wait for its read instead (its result serves both).
+        """
+        if self._reading:
+            await self._read_done.park()
+            return
+        self._reading = True
+        try:
+            await self._receive_once()
+        finally:
+            self._reading = False
+            self._read_done.unpark_all()
+
+    async def _receive_once(self) -> None:
+        try:
+            data = await self._stream.receive_some(RECEIVE_BUFFER)
+        except _STREAM_ERRORS as exc:
+            self._lost(f"connection lost: {exc}")
+            return
+        if not data:
+            self._lost("connection lost")
+            return
+        try:
+            self._conn.receive_data(data if type(data) is bytes else bytes(data))
+            self._process_events()
+        except ProtocolError as exc:
+            hint = getattr(exc, "event_hint", None)
+            if self._conn.state == ConnectionState.CONNECTING and isinstance(
+                hint, RejectConnection
+            ):
+                self._queue_control(hint)  # an HTTP error answer to a bad handshake
+            self._close_locally(1002, f"protocol error: {exc}")
+        if self._control:
+            await self._send(b"")
+
+    def _process_events(self) -> None:
+        for event in self._conn.events():
+            if isinstance(event, BytesMessage | TextMessage):
+                self._size += len(event.data)
+                if self._size > self._max:
+                    self._close_locally(1009, f"message over {self._max} bytes")
+                    return
+                self._parts.append(event.data)
+                if event.message_finished:
+                    parts, self._parts, self._size = self._parts, [], 0
+                    if isinstance(event, TextMessage):
+                        self._messages.append("".join(parts))
+                    elif len(parts) == 1 and type(parts[0]) is bytes:
+                        self._messages.append(parts[0])
+                    else:
+                        self._messages.append(b"".join(parts))
+            elif isinstance(event, Ping):
+                self._queue_control(event.response())
+            elif isinstance(event, CloseConnection):
+                if self._closed is None:
+                    self._closed = CloseReason(event.code, event.reason or "")
+                if self._conn.state == ConnectionState.REMOTE_CLOSING:
+                    self._queue_control(event.response())
+                elif self._conn.state == ConnectionState.OPEN:  # wsproto found a bad frame
+                    self._queue_control(CloseConnection(code=event.code, reason=event.reason))
+            elif isinstance(event, Request | AcceptConnection | RejectConnection):
+                self._handshake = event
+
+    def _queue_control(self, event: Event) -> None:
+        with contextlib.suppress(ProtocolError):  # when the state no longer allows it
+            self._control.append(self._conn.send(event))
+
+    def _close_locally(self, code: int, reason: str) -> None:
+        if self._closed is None:
+            self._closed = CloseReason(code, reason)
+        if self._conn.state == ConnectionState.OPEN:
+            self._queue_control(CloseConnection(code=code, reason=reason[:120]))
+
+    def _lost(self, reason: str) -> None:
+        self._eof = True
+        if self._closed is None:
+            self._closed = CloseReason(1006, reason)
+
+    # -------------------------------------------------------------------- sending
+    async def send_message(self, data: bytes) -> None:
+        """Send one binary message (written to the stream before this returns)."""
+        if self._closed is not None:
+            raise ConnectionClosed(self._closed)
+        await self._send(self._conn.send(BytesMessage(data=data)))
+
+    async def _send(self, data: bytes) -> None:
+        while self._sending:  # another task is writing: wait for it
+            await self._send_free.park()
+        self._sending = True
+        try:
+            if self._control:
+                data = b"".join(self._control) + data
+                self._control.clear()
+            if data:
+                await self._stream.send_all(data)
+        except _STREAM_ERRORS as exc:
+            self._lost(f"connection lost: {exc}")
+            raise ConnectionClosed(self._closed or CloseReason(1006, "lost")) from None
+        finally:
+            self._sending = False
+            self._send_free.unpark_all()
+
+    # -------------------------------------------------------------------- closing
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        """Close: send a close frame, wait (bounded) for the other side's, close the stream."""
+        try:
+            with trio.move_on_after(self._close_timeout):
+                if self._conn.state == ConnectionState.OPEN:
+                    if self._closed is None:
+                        self._closed = CloseReason(code, reason or "")
+                    self._queue_control(CloseConnection(code=code, reason=reason))
+                await self._send(b"")
+                while self._conn.state != ConnectionState.CLOSED and not self._eof:
+                    await self._receive()
+        except ConnectionClosed:
+            pass
+        finally:
+            if self._closed is None:
+                self._closed = CloseReason(code, reason or "")
+            await trio.aclose_forcefully(self._stream)
+
+    # ------------------------------------------------------------------ handshakes
+    async def _handshake_event(self) -> Event:
+        while self._handshake is None:
+            if self._closed is not None:
+                raise HandshakeError(f"connection closed during the handshake: {self._closed}")
+            await self._receive()
+        return self._handshake
+
+
+async def connect(
+    stream: trio.abc.Stream, host: str, resource: str, max_message_size: int, close_timeout: float
+) -> WebSocket:
+    """The client side of the opening handshake over ``stream``."""
+    ws = WebSocket(stream, ConnectionType.CLIENT, max_message_size, close_timeout)
+    try:
+        await ws._send(ws._conn.send(Request(host=host, target=resource)))
+        answer = await ws._handshake_event()
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    if isinstance(answer, RejectConnection):
+        await trio.aclose_forcefully(stream)
+        raise ConnectionRejected(answer.status_code)
+    return ws
+
+
+async def serve(
+    handler: Callable[[WebSocket], Awaitable[object]],
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    max_message_size: int,
+    handshake_timeout: float,
+    close_timeout: float,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept WebSocket connections and run ``handler(ws)`` for each; reports the port."""
+    tcp = await trio.open_tcp_listeners(port, host=host)
+    bound: int = tcp[0].socket.getsockname()[1]
+    listeners: list[trio.abc.Listener[trio.abc.Stream]] = (
+        [trio.SSLListener(t, ssl_context, https_compatible=True) for t in tcp]
+        if ssl_context is not None
+        else list(tcp)
+    )
+
+    async def one(stream: trio.abc.Stream) -> None:
+        ws = WebSocket(stream, ConnectionType.SERVER, max_message_size, close_timeout)
+        accepted = False
+        try:
+            with trio.move_on_after(handshake_timeout):
+                if isinstance(await ws._handshake_event(), Request):
+                    await ws._send(ws._conn.send(AcceptConnection()))
+                    accepted = True
+        except (HandshakeError, ConnectionClosed, *_STREAM_ERRORS):
+            accepted = False
+        if not accepted or ws._conn.state != ConnectionState.OPEN:
+            await trio.aclose_forcefully(stream)
+            return
+        await handler(ws)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, one, listeners)
+        task_status.started(bound)
