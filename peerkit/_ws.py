@@ -1,12 +1,14 @@
 """A lean WebSocket connection for trio, on wsproto (internal).
 
 wsproto does the protocol (handshake, framing, masking, close and ping rules); this module
-only moves its bytes. Unlike trio-websocket it has no background reader task, no message
-channel and no send lock: :meth:`WebSocket.get_message` reads and parses in the calling task,
-and :meth:`WebSocket.send_message` writes straight to the stream. Each of those hand-offs is
-a trio scheduling pass, and on a small VM a pass that follows an idle moment costs tens of
-microseconds of cold execution; a message crossing the broker took six more of them than it
-needs.
+only moves its bytes: over TLS through the :class:`trio.SSLStream`, over plain TCP straight
+through the socket (a write the kernel takes at once does not yield; a read yields once).
+
+Unlike trio-websocket it has no background reader task, no message channel and no send
+lock: :meth:`WebSocket.get_message` reads and parses in the calling task, and
+:meth:`WebSocket.send_message` writes at once. Each of those hand-offs is a trio scheduling
+pass, and on a small VM a pass that follows an idle moment costs tens of microseconds of cold
+execution; a message crossing the broker took six more of them than it needs.
 
 Readers and senders each take turns through a flag: normally one task reads (the peer's
 or the broker's reader) and one writes; a task that finds the stream busy (closing while the
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
@@ -41,6 +44,14 @@ from ._wsconf import RECEIVE_BUFFER
 __all__ = ["CloseReason", "ConnectionClosed", "ConnectionRejected", "HandshakeError", "WebSocket"]
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+def _detach(stream: trio.SocketStream) -> socket.socket:
+    """The stream's socket as a plain non-blocking socket (the stream is unusable after)."""
+    ts = stream.socket
+    sock = socket.socket(ts.family, ts.type, ts.proto, fileno=ts.detach())
+    sock.setblocking(False)
+    return sock
 
 
 class CloseReason(NamedTuple):
@@ -81,6 +92,8 @@ class WebSocket:
         close_timeout: float,
     ) -> None:
         self._stream = stream
+        #: plain TCP: the socket itself, used without SocketStream's scheduling passes
+        self._sock = _detach(stream) if isinstance(stream, trio.SocketStream) else None
         self._conn = WSConnection(kind)
         self._max = max_message_size
         self._close_timeout = close_timeout
@@ -127,7 +140,7 @@ class WebSocket:
 
     async def _receive_once(self) -> None:
         try:
-            data = await self._stream.receive_some(RECEIVE_BUFFER)
+            data = await self._read()
         except _STREAM_ERRORS as exc:
             self._lost(f"connection lost: {exc}")
             return
@@ -206,7 +219,7 @@ class WebSocket:
                 data = b"".join(self._control) + data
                 self._control.clear()
             if data:
-                await self._stream.send_all(data)
+                await self._write(data)
         except _STREAM_ERRORS as exc:
             self._lost(f"connection lost: {exc}")
             raise ConnectionClosed(self._closed or CloseReason(1006, "lost")) from None
@@ -231,7 +244,51 @@ class WebSocket:
         finally:
             if self._closed is None:
                 self._closed = CloseReason(code, reason or "")
+            await self.abort()
+
+    # ----------------------------------------------------------------- the stream
+    async def _read(self) -> bytes | bytearray:
+        sock = self._sock
+        if sock is None:
+            return await self._stream.receive_some(RECEIVE_BUFFER)
+        waited = False
+        while True:
+            try:
+                data = sock.recv(RECEIVE_BUFFER)
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+        if not waited:  # data was already there: still let the others run (and cancel us)
+            await trio.lowlevel.checkpoint()
+        return data
+
+    async def _write(self, data: bytes) -> None:
+        sock = self._sock
+        if sock is None:
+            await self._stream.send_all(data)
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with memoryview(data) as view:
+            sent = 0
+            while sent < len(view):
+                try:
+                    sent += sock.send(view[sent:])
+                except BlockingIOError:  # the kernel's buffer is full: wait for room
+                    await trio.lowlevel.wait_writable(sock)
+
+    async def abort(self) -> None:
+        """Close the connection at once, without a close handshake."""
+        if self._closed is None:
+            self._closed = CloseReason(1006, "aborted")
+        self._eof = True
+        sock = self._sock
+        if sock is None:
             await trio.aclose_forcefully(self._stream)
+        elif sock.fileno() != -1:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+            await trio.lowlevel.checkpoint()
 
     # ------------------------------------------------------------------ handshakes
     async def _handshake_event(self) -> Event:
@@ -251,10 +308,10 @@ async def connect(
         await ws._send(ws._conn.send(Request(host=host, target=resource)))
         answer = await ws._handshake_event()
     except BaseException:
-        await trio.aclose_forcefully(stream)
+        await ws.abort()
         raise
     if isinstance(answer, RejectConnection):
-        await trio.aclose_forcefully(stream)
+        await ws.abort()
         raise ConnectionRejected(answer.status_code)
     return ws
 
@@ -289,10 +346,12 @@ async def serve(
                     accepted = True
         except (HandshakeError, ConnectionClosed, *_STREAM_ERRORS):
             accepted = False
-        if not accepted or ws._conn.state != ConnectionState.OPEN:
-            await trio.aclose_forcefully(stream)
-            return
-        await handler(ws)
+        try:
+            if accepted and ws._conn.state == ConnectionState.OPEN:
+                await handler(ws)
+        finally:
+            with trio.CancelScope(shield=True):
+                await ws.abort()  # a no-op once the handler closed it
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, one, listeners)
