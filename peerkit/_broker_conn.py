@@ -30,6 +30,7 @@ class _Conn:
 
     __slots__ = (
         "close_reason",
+        "dirty",
         "dropped_pending",
         "dropped_total",
         "goodbye",
@@ -47,8 +48,10 @@ class _Conn:
         "ws",
     )
 
-    def __init__(self, peer_id: str, ws: WebSocket, limit: int) -> None:
+    def __init__(self, peer_id: str, ws: WebSocket, limit: int, dirty: set[_Conn]) -> None:
         self.peer_id = peer_id
+        #: the broker's set of connections with something new to send (see Broker._reader)
+        self.dirty = dirty
         self.ws = ws
         self.limit = limit
         #: envelopes as (head, body, published messages): a control envelope is all head and
@@ -77,18 +80,21 @@ class _Conn:
     def push(self, data: bytes) -> None:
         """Queue a control envelope (never dropped: bounded by the protocol itself)."""
         self.out.append((data, b"", 0))
+        self.dirty.add(self)
         self.wakeup.set()
 
     def push_run(self, head: bytes, body: bytes, count: int) -> None:
         """Queue a PUB envelope of ``count`` messages (the caller checked the room)."""
         self.queued += count
         self.out.append((head, body, count))
+        self.dirty.add(self)
         self.wakeup.set()
 
     def lost(self, count: int) -> None:
         """Count published messages that did not fit (reported in the next frame)."""
         self.dropped_pending += count
         self.dropped_total += count
+        self.dirty.add(self)
         self.wakeup.set()
 
 

@@ -103,6 +103,7 @@ class WebSocket:
         self._closed: CloseReason | None = None
         self._eof = False
         self._control: list[bytes] = []  # pongs and close frames waiting to be sent
+        self._backlog = bytearray()  # the part of a send_nowait the kernel did not take
         self._sending = False
         self._send_free = trio.lowlevel.ParkingLot()
         self._reading = False
@@ -210,6 +211,45 @@ class WebSocket:
             raise ConnectionClosed(self._closed)
         await self._send(self._conn.send(BytesMessage(data=data)))
 
+    def can_send_now(self) -> bool:
+        """Whether :meth:`send_nowait` may be used: plain TCP, open, nothing being written."""
+        return (
+            self._sock is not None
+            and not self._sending
+            and not self._backlog
+            and self._closed is None
+        )
+
+    def send_nowait(self, data: bytes) -> None:
+        """Write one message without waiting (check :meth:`can_send_now` first).
+
+        What the kernel does not take at once stays in a backlog that the next send, or
+        :meth:`flush`, writes first.
+        """
+        assert self._sock is not None and not self._sending and not self._backlog
+        frame = self._conn.send(BytesMessage(data=data))
+        if self._control:
+            frame = b"".join(self._control) + frame
+            self._control.clear()
+        try:
+            sent = self._sock.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._lost(f"connection lost: {exc}")
+            return
+        if sent < len(frame):
+            self._backlog += memoryview(frame)[sent:]
+
+    @property
+    def backlog(self) -> bool:
+        """Bytes of an earlier :meth:`send_nowait` are still waiting to be written."""
+        return bool(self._backlog)
+
+    async def flush(self) -> None:
+        """Write the backlog (and any protocol answers waiting)."""
+        await self._send(b"")
+
     async def _send(self, data: bytes) -> None:
         while self._sending:  # another task is writing: wait for it
             await self._send_free.park()
@@ -218,6 +258,9 @@ class WebSocket:
             if self._control:
                 data = b"".join(self._control) + data
                 self._control.clear()
+            if self._backlog:  # written before anything generated after it
+                data = bytes(self._backlog) + data
+                self._backlog.clear()
             if data:
                 await self._write(data)
         except _STREAM_ERRORS as exc:

@@ -134,6 +134,7 @@ class Broker(BrokerDispatch, OwnNursery):
 
         self.routing = RoutingTable()
         self._conns: dict[str, _Conn] = {}
+        self._dirty: set[_Conn] = set()  # connections with something new to send
         self._batch_limit = batch_limit(max_message_size)
         self._started = False
         self._listening = False
@@ -328,7 +329,7 @@ class Broker(BrokerDispatch, OwnNursery):
         elif self._shutting_down:
             reason, detail = "shutting_down", "the broker is shutting down"
         else:
-            conn = _Conn(pid, ws, self.send_queue_size)
+            conn = _Conn(pid, ws, self.send_queue_size, self._dirty)
             self._conns[pid] = conn
             self.routing.add_peer(pid)
             self._all_gone = trio.Event()
@@ -403,21 +404,39 @@ class Broker(BrokerDispatch, OwnNursery):
     # ------------------------------------------------------------------ writer
     async def _writer(self, conn: _Conn) -> None:
         out = conn.out
-        limit = self._batch_limit
         ws = conn.ws
         while True:
             await conn.wakeup.wait()
             conn.wakeup = trio.Event()
-            while out or conn.dropped_pending:
-                parts: list[bytes] = []
-                if conn.dropped_pending:  # the loss report leads the next frame
-                    parts.append(control(Kind.DROPPED, MessagesDropped(count=conn.dropped_pending)))
-                    conn.dropped_pending = 0
-                published = take_counted(out, limit, parts)
-                conn.queued -= published
-                conn.msgs_out += published
-                await ws.send_message(parts[0] if len(parts) == 1 else b"".join(parts))
+            while out or conn.dropped_pending or ws.backlog:
+                if out or conn.dropped_pending:
+                    await ws.send_message(self._next_frame(conn))
+                else:
+                    await ws.flush()
                 conn.last_sent = trio.current_time()
+
+    def _next_frame(self, conn: _Conn) -> bytes:
+        """Take what ``conn`` has queued into one frame (a loss report leads it)."""
+        parts: list[bytes] = []
+        if conn.dropped_pending:
+            parts.append(control(Kind.DROPPED, MessagesDropped(count=conn.dropped_pending)))
+            conn.dropped_pending = 0
+        published = take_counted(conn.out, self._batch_limit, parts)
+        conn.queued -= published
+        conn.msgs_out += published
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _send_inline(self) -> None:
+        """Write to the connections an incoming frame gave something to send, from the
+        reader, when their writer is idle and the kernel takes it without waiting: a query
+        or a lone message need not wait for each writer task's turn. The rest (and what
+        the kernel did not take) is left to the writers."""
+        for conn in self._dirty:
+            ws = conn.ws
+            if (conn.out or conn.dropped_pending) and ws.can_send_now():
+                ws.send_nowait(self._next_frame(conn))
+                conn.last_sent = trio.current_time()
+        self._dirty.clear()
 
     # ------------------------------------------------------------------ reader
     async def _reader(self, conn: _Conn) -> None:
@@ -434,6 +453,7 @@ class Broker(BrokerDispatch, OwnNursery):
             except DecodeError as exc:
                 log.warning("bad frame from %r: %s", conn.peer_id, exc)
                 conn.push(control(Kind.ERROR, RequestFailed(code="bad_frame", detail=str(exc))))
+            self._send_inline()
             if conn.goodbye is not None and conn.scope.deadline == math.inf:
                 # the peer closes after its goodbye; wait for that (bounded) rather than
                 # closing from both ends at once
