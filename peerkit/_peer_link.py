@@ -121,10 +121,18 @@ class PeerLink(PeerBase):
             )
 
     def _push(self, data: bytes) -> None:
-        """Queue a packed envelope."""
+        """Send a packed envelope: at once when nothing waits to go out (a query, a reply or
+        a request need not wait for the writer task's turn), else after what is queued."""
+        self._enqueued += 1
+        ws = self._ws
+        if not self._out and ws is not None and ws.can_send_now():
+            ws.send_nowait(data)
+            self._sent += 1
+            if ws.backlog:  # the kernel took part of it: the writer finishes the job
+                self._out_ready.set()
+            return
         self._tail = None
         self._out.append(data)
-        self._enqueued += 1
         self._out_ready.set()
 
     def _queue_publish(self, msg_type: str, body: bytes) -> None:
@@ -158,6 +166,8 @@ class PeerLink(PeerBase):
         while True:
             await self._out_ready.wait()
             self._out_ready = trio.Event()
+            if ws.backlog and not out:
+                await ws.flush()
             while out:
                 frame, count, published = take_frame(out, limit)
                 if not out:  # the tail run is packed: the next message starts another
