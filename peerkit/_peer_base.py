@@ -100,8 +100,8 @@ class PeerBase(StateMachine):
     _run_left: int
     _inbox_ready: trio.Event
     _local_drops: int
-    _query_send: trio.MemorySendChannel[Envelope]
-    _query_recv: trio.MemoryReceiveChannel[Envelope]
+    _query_send: trio.MemorySendChannel[tuple[Envelope, Awaitable[Any]]]
+    _query_recv: trio.MemoryReceiveChannel[tuple[Envelope, Awaitable[Any]]]
     _queued_tasks: list[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]]
 
     def _messages_dropped(self, count: int) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ssl
 import urllib.parse
+from collections.abc import Awaitable
+from typing import Any
 
 import trio
 
@@ -37,6 +39,9 @@ class PeerLink(PeerBase):
     """Moves envelopes between the peer and its broker."""
 
     def _query_error(self, env: Envelope, code: str, detail: str) -> None:
+        raise NotImplementedError  # pragma: no cover - PeerMessaging provides it
+
+    def _start_answer(self, env: Envelope) -> Awaitable[Any] | None:
         raise NotImplementedError  # pragma: no cover - PeerMessaging provides it
 
     async def _open_websocket(self) -> _ws.WebSocket:
@@ -223,9 +228,16 @@ class PeerLink(PeerBase):
             if self.is_shutting_down:
                 self._query_error(env, "handler_gone", f"peer {self.peer_id!r} is shutting down")
                 return
+            # a plain handler answers here and now; an async one goes on to a query worker
+            rest = self._start_answer(env)
+            if rest is None:
+                return
             try:
-                self._query_send.send_nowait(env)
+                self._query_send.send_nowait((env, rest))
             except trio.WouldBlock:
+                close = getattr(rest, "close", None)
+                if close is not None:
+                    close()  # a coroutine that will never run
                 self._query_error(
                     env,
                     "busy",

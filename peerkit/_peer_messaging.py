@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -357,46 +357,60 @@ class PeerMessaging(PeerLink):
         return info
 
     async def _query_worker(self) -> None:
-        async for env in self._query_recv:
-            await self._answer(env)
+        async for env, pending in self._query_recv:
+            try:
+                result = await pending
+            except Exception as exc:
+                self._remote_error(env, exc)
+            else:
+                self._reply(env, result)
 
-    async def _answer(self, env: Envelope) -> None:
+    def _start_answer(self, env: Envelope) -> Awaitable[Any] | None:
+        """Answer a query at once if its handler is a plain function; if the handler
+        returned an awaitable, return it (a query worker awaits it and replies)."""
         handler = self._query_handlers.get(env.type) or self._builtin_queries.get(env.type)
         if handler is None:
             self._query_error(
                 env, "no_handler", f"peer {self.peer_id!r} has no handler for {env.type!r} queries"
             )
-            return
+            return None
         try:
             msg = codec.decode_message(env.type, env.body, env.sender)
         except DecodeError as exc:
             self._query_error(env, "bad_request", str(exc))
-            return
+            return None
         try:
             result = handler(msg)
-            if inspect.isawaitable(result):
-                result = await result
         except Exception as exc:
-            log.warning(
-                "peer %r: query handler for %r raised %s: %s",
-                self.peer_id,
-                env.type,
-                type(exc).__name__,
-                exc,
+            self._remote_error(env, exc)
+            return None
+        if inspect.isawaitable(result):
+            return result
+        self._reply(env, result)
+        return None
+
+    def _remote_error(self, env: Envelope, exc: Exception) -> None:
+        log.warning(
+            "peer %r: query handler for %r raised %s: %s",
+            self.peer_id,
+            env.type,
+            type(exc).__name__,
+            exc,
+        )
+        self._push(
+            control(
+                Kind.QERR,
+                QueryFailed(
+                    code="remote_error",
+                    detail=str(exc),
+                    peer_id=self.peer_id,
+                    error_type=type(exc).__name__,
+                ),
+                corr=env.corr,
             )
-            self._push(
-                control(
-                    Kind.QERR,
-                    QueryFailed(
-                        code="remote_error",
-                        detail=str(exc),
-                        peer_id=self.peer_id,
-                        error_type=type(exc).__name__,
-                    ),
-                    corr=env.corr,
-                )
-            )
-            return
+        )
+
+    def _reply(self, env: Envelope, result: object) -> None:
         if not isinstance(result, Message):
             self._query_error(
                 env,

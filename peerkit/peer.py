@@ -86,7 +86,8 @@ class Peer(PeerMessaging, OwnNursery):
     queue), ``grace_period`` (bound on the graceful part of shutdown), ``send_queue_size``
     (messages queued and not yet written), ``receive_queue_size`` (messages waiting for
     handlers; overflow drops and counts),
-    ``max_concurrent_queries`` (query handlers running at once), ``is_essential``.
+    ``max_concurrent_queries`` (async query handlers running at once; a plain-function
+    handler answers as its query arrives), ``is_essential``.
     """
 
     #: Whether the experiment stops when this peer panics (reported in ``PanickMsg``).
@@ -222,9 +223,9 @@ class Peer(PeerMessaging, OwnNursery):
         self._run_left = 0
         self._inbox_ready = trio.Event()
         self._local_drops = 0
-        self._query_send, self._query_recv = trio.open_memory_channel[Envelope](
-            max_concurrent_queries * 4
-        )
+        self._query_send, self._query_recv = trio.open_memory_channel[
+            tuple[Envelope, Awaitable[Any]]
+        ](max_concurrent_queries * 4)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.peer_id!r} {self.state}>"

@@ -73,6 +73,34 @@ async def test_query_sync_and_async_handlers(broker: Broker) -> None:
             assert await asker.ask_peer("calc", Add(a=1, b=1)) == Sum(value=2, sender="calc")
 
 
+async def test_plain_handlers_answer_while_async_ones_fill_the_workers(broker: Broker) -> None:
+    """A plain-function handler answers as its query arrives; async handlers wait for one
+    of the ``max_concurrent_queries`` workers, and past their queue the asker hears busy."""
+    with trio.fail_after(10):
+        release = trio.Event()
+        entered = trio.Event()
+
+        async def hang(msg: Slow) -> OkMsg:
+            entered.set()
+            await release.wait()
+            return OkMsg(detail="slow")
+
+        async with (
+            Peer(broker.url, "calc", max_concurrent_queries=1) as calc,
+            Peer(broker.url, "asker") as asker,
+        ):
+            await calc.register_query_handler(Slow, hang)
+            await calc.register_query_handler(Add, lambda m: Sum(value=m.a + m.b))
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):  # one runs, four wait in the queue (4 per worker)
+                    nursery.start_soon(asker.query, Slow())
+                await entered.wait()
+                assert await asker.query(Add(a=2, b=2)) == Sum(value=4, sender="calc")
+                with pytest.raises(QueryAnswerUnknown, match="busy"):
+                    await asker.query(Slow())
+                release.set()
+
+
 async def test_no_handler_fails_at_once(broker: Broker) -> None:
     with trio.fail_after(2):
         async with Peer(broker.url, "asker", query_timeout=60) as asker:
