@@ -185,8 +185,12 @@ class Figure:
             return ""
         op, bound = self.target
         sign = "≥" if op == ">=" else "≤"
-        digits = 0 if bound == int(bound) else 1
-        return f"{sign} {bound:,.{digits}f}"
+        digits = 0 if bound == int(bound) else max(1, self.digits)
+        return (
+            f"{sign} {bound:,.{digits}f}".rstrip("0")
+            if digits > 1
+            else f"{sign} {bound:,.{digits}f}"
+        )
 
     def as_json(self) -> dict[str, Any]:
         return {
