@@ -80,6 +80,7 @@ class PeerBase(StateMachine):
     _link_ok: bool
     _can_send: bool
     _welcome: Welcome | None
+    _heard: float
     _max_message_size: int
     _out: collections.deque[Outgoing]
     _tail: Run | None

@@ -114,6 +114,7 @@ class PeerLink(PeerBase):
             assert isinstance(welcome, Welcome)
             self._welcome = welcome
             self._max_message_size = welcome.max_message_size
+            self._heard = trio.current_time()
             for env in envs[1:]:
                 self._handle(env)
             return
@@ -183,27 +184,33 @@ class PeerLink(PeerBase):
                 self._progress.unpark_all()
 
     async def _heartbeat(self) -> None:
+        """Send a heartbeat when the peer said nothing for an interval, and give the broker
+        up when it said nothing for the heartbeat timeout (the reader notes each frame)."""
         assert self._welcome is not None
         interval = self._welcome.heartbeat_interval
+        timeout = self._welcome.heartbeat_timeout
         beat = pack_envelope(int(Kind.HEARTBEAT))
         last = self._enqueued
+        next_beat = trio.current_time() + interval
         while True:
-            await trio.sleep(interval)
-            if self._enqueued == last:
-                self._push(beat)
-            last = self._enqueued
-
-    async def _reader(self) -> None:
-        assert self._ws is not None and self._welcome is not None
-        ws = self._ws
-        timeout = self._welcome.heartbeat_timeout
-        while True:
-            with trio.move_on_after(timeout) as scope:
-                frame = await ws.get_message()
-            if scope.cancelled_caught:
+            await trio.sleep_until(min(next_beat, self._heard + timeout))
+            now = trio.current_time()
+            if now - self._heard >= timeout:
                 raise BrokerLostError(
                     f"no word from the broker at {self.broker_url} for {timeout} s"
                 )
+            if now >= next_beat:
+                if self._enqueued == last:
+                    self._push(beat)
+                last = self._enqueued
+                next_beat = now + interval
+
+    async def _reader(self) -> None:
+        assert self._ws is not None
+        ws = self._ws
+        while True:
+            frame = await ws.get_message()
+            self._heard = trio.current_time()
             try:
                 for env in codec.iter_envelopes(frame):  # type: ignore[arg-type]
                     self._handle(env)

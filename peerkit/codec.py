@@ -472,33 +472,47 @@ def _bad(why: str) -> DecodeError:
     return DecodeError(f"malformed frame: {why}")
 
 
+def _checked(item: object) -> Envelope:
+    """The envelope ``item`` (an unpacked msgpack object), with its header validated."""
+    if type(item) is not tuple or len(item) != 6:
+        raise _bad("an envelope must be an array of 6 items")
+    kind, typ, sender, corr, target, body = item
+    if type(kind) is not int or kind not in KIND_VALUES:
+        raise _bad(f"unknown envelope kind {kind!r}")
+    if type(typ) is not str or type(sender) is not str or type(target) is not str:
+        raise _bad("type, sender and target must be strings")
+    if type(corr) is not int or corr < 0:
+        raise _bad("correlation id must be a non-negative integer")
+    if type(body) is not bytes:
+        raise _bad("body must be binary")
+    return _new_tuple(Envelope, item)  # the 6 fields were checked
+
+
 def iter_envelopes(frame: bytes | bytearray) -> Iterator[Envelope]:
-    """Yield the envelopes of one frame, validating each header.
+    """The envelopes of one frame, each header validated.
 
     Raises :class:`DecodeError` at the first malformed envelope (earlier ones were yielded).
+    A frame of one envelope (a query, a reply, a lone message) is unpacked in one call.
     """
     if not isinstance(frame, bytes | bytearray):
         raise _bad("expected a binary WebSocket message, got text")
     if not frame:
         raise _bad("empty frame")
+    try:
+        item = msgpack.unpackb(frame, raw=False, use_list=False, strict_map_key=True)
+    except Exception:  # several envelopes (ExtraData), or not msgpack: the general path
+        return _iter_many(frame)
+    return iter((_checked(item),))
+
+
+def _iter_many(frame: bytes | bytearray) -> Iterator[Envelope]:
     unpacker = msgpack.Unpacker(raw=False, use_list=False, strict_map_key=True, max_buffer_size=0)
     unpacker.feed(frame)
     end = 0  # where the last complete envelope ended
     try:
         for item in unpacker:
             end = unpacker.tell()
-            if type(item) is not tuple or len(item) != 6:
-                raise _bad("an envelope must be an array of 6 items")
-            kind, typ, sender, corr, target, body = item
-            if type(kind) is not int or kind not in KIND_VALUES:
-                raise _bad(f"unknown envelope kind {kind!r}")
-            if type(typ) is not str or type(sender) is not str or type(target) is not str:
-                raise _bad("type, sender and target must be strings")
-            if type(corr) is not int or corr < 0:
-                raise _bad("correlation id must be a non-negative integer")
-            if type(body) is not bytes:
-                raise _bad("body must be binary")
-            yield _new_tuple(Envelope, item)  # the 6 fields were checked above
+            yield _checked(item)
         # The unpacker stops quietly at an incomplete object: a truncated last envelope.
         if end != len(frame):
             raise _bad(f"truncated envelope at byte {end} of {len(frame)} (not valid msgpack)")

@@ -203,6 +203,7 @@ class Peer(PeerMessaging, OwnNursery):
         self._max_message_size = codec.DEFAULT_MAX_MESSAGE_SIZE
         self._out: collections.deque[Outgoing] = collections.deque()
         self._tail: Run | None = None  # the run at the end of _out, while it can grow
+        self._heard = 0.0  # trio time of the last frame from the broker
         self._out_ready = trio.Event()
         self._progress = trio.lowlevel.ParkingLot()
         self._enqueued = 0
