@@ -124,7 +124,7 @@ def _finish_figures(report: Report) -> list[Figure]:
         # batching must add no delay: within a margin of the one-message-per-frame relay
         f["lone"].target = ("<=", f["bare_lone"].value + TARGET_LONE_OVER_BARE_MS)
         f["lone"].note += (
-            f"; {extra:+.3f} ms over the bare relay (target: at most "
+            f"; {extra:+.3f} ms against the bare relay (target: at most "
             f"+{TARGET_LONE_OVER_BARE_MS} ms)"
         )
     for size in (SMALL, LARGE):
