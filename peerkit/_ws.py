@@ -10,9 +10,9 @@ lock: :meth:`WebSocket.get_message` reads and parses in the calling task, and
 pass, and on a small VM a pass that follows an idle moment costs tens of microseconds of cold
 execution; a message crossing the broker took six more of them than it needs.
 
-Readers and senders each take turns through a flag: normally one task reads (the peer's
-or the broker's reader) and one writes; a task that finds the stream busy (closing while the
-reader still runs, answering a ping during a send) parks until it is free.
+Readers take turns through a flag and writers through a FIFO lock: normally one task reads
+(the peer's or the broker's reader) and one writes; a task that finds the stream busy
+(closing while the reader still runs, answering a ping during a send) waits its turn.
 """
 
 from __future__ import annotations
@@ -104,8 +104,9 @@ class WebSocket:
         self._eof = False
         self._control: list[bytes] = []  # pongs and close frames waiting to be sent
         self._backlog = bytearray()  # the part of a send_nowait the kernel did not take
-        self._sending = False
-        self._send_free = trio.lowlevel.ParkingLot()
+        #: one writer at a time, in arrival order; a released lock passes straight to the
+        #: next waiter, so nobody (send_nowait included) can overtake a frame that waits
+        self._send_lock = trio.StrictFIFOLock()
         self._reading = False
         self._read_done = trio.lowlevel.ParkingLot()
         self._handshake: Event | None = None
@@ -215,7 +216,7 @@ class WebSocket:
         """Whether :meth:`send_nowait` may be used: plain TCP, open, nothing being written."""
         return (
             self._sock is not None
-            and not self._sending
+            and not self._send_lock.locked()
             and not self._backlog
             and self._closed is None
         )
@@ -226,7 +227,7 @@ class WebSocket:
         What the kernel does not take at once stays in a backlog that the next send, or
         :meth:`flush`, writes first.
         """
-        assert self._sock is not None and not self._sending and not self._backlog
+        assert self._sock is not None and not self._send_lock.locked() and not self._backlog
         frame = self._conn.send(BytesMessage(data=data))
         if self._control:
             frame = b"".join(self._control) + frame
@@ -251,9 +252,11 @@ class WebSocket:
         await self._send(b"")
 
     async def _send(self, data: bytes) -> None:
-        while self._sending:  # another task is writing: wait for it
-            await self._send_free.park()
-        self._sending = True
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()  # the common case: no scheduling pass
+        except trio.WouldBlock:  # another task is writing: wait for it, in order
+            await lock.acquire()
         try:
             if self._control:
                 data = b"".join(self._control) + data
@@ -267,8 +270,7 @@ class WebSocket:
             self._lost(f"connection lost: {exc}")
             raise ConnectionClosed(self._closed or CloseReason(1006, "lost")) from None
         finally:
-            self._sending = False
-            self._send_free.unpark_all()
+            lock.release()
 
     # -------------------------------------------------------------------- closing
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
@@ -294,31 +296,41 @@ class WebSocket:
         sock = self._sock
         if sock is None:
             return await self._stream.receive_some(RECEIVE_BUFFER)
+        await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
         while True:
             try:
                 data = sock.recv(RECEIVE_BUFFER)
                 break
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
+                await trio.lowlevel.wait_readable(sock)  # cancelled here: nothing was read
                 waited = True
-        if not waited:  # data was already there: still let the others run (and cancel us)
-            await trio.lowlevel.checkpoint()
+        if not waited:  # data was already there: still let the others run (not cancellable
+            await trio.lowlevel.cancel_shielded_checkpoint()  # now: the data is taken)
         return data
 
     async def _write(self, data: bytes) -> None:
         sock = self._sock
         if sock is None:
-            await self._stream.send_all(data)
+            try:
+                await self._stream.send_all(data)
+            except trio.Cancelled:  # the stream may hold part of a frame: it is done for
+                self._lost("a write was cancelled halfway")
+                raise
             return
         await trio.lowlevel.checkpoint_if_cancelled()
         with memoryview(data) as view:
             sent = 0
-            while sent < len(view):
-                try:
-                    sent += sock.send(view[sent:])
-                except BlockingIOError:  # the kernel's buffer is full: wait for room
-                    await trio.lowlevel.wait_writable(sock)
+            try:
+                while sent < len(view):
+                    try:
+                        sent += sock.send(view[sent:])
+                    except BlockingIOError:  # the kernel's buffer is full: wait for room
+                        await trio.lowlevel.wait_writable(sock)
+            except trio.Cancelled:
+                if sent:  # never half a frame on the wire: the rest goes out first next time
+                    self._backlog[0:0] = view[sent:]
+                raise
 
     async def abort(self) -> None:
         """Close the connection at once, without a close handshake."""
@@ -350,6 +362,9 @@ async def connect(
     try:
         await ws._send(ws._conn.send(Request(host=host, target=resource)))
         answer = await ws._handshake_event()
+    except ConnectionClosed as exc:
+        await ws.abort()
+        raise HandshakeError(f"connection lost during the handshake: {exc}") from None
     except BaseException:
         await ws.abort()
         raise

@@ -503,12 +503,26 @@ class Peer(PeerMessaging, OwnNursery):
             if not self.is_shutting_down or self._error is None:
                 self._fail(exc)
 
+    def _drop_waiting_queries(self) -> None:
+        """Queries still waiting for a worker will not be answered: tell their askers."""
+        while True:
+            try:
+                env, rest = self._query_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            close = getattr(rest, "close", None)
+            if close is not None:
+                close()  # a coroutine that will never run
+            if self._link_ok:
+                self._query_error(env, "handler_gone", f"peer {self.peer_id!r} is shutting down")
+
     async def _close_gracefully(self) -> None:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self.grace_period
             if self._stop_on_shutdown:
                 await self._guarded(self._stop)
             await self._guarded(self._shutting_down)
+            self._drop_waiting_queries()
             if self._link_ok:
                 error = self._error
                 if error is not None:

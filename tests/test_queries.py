@@ -23,6 +23,7 @@ from peerkit import (
     query_handler,
 )
 from peerkit.messages import OkMsg
+from peerkit.testing import wait_for_condition
 
 
 @message
@@ -207,6 +208,36 @@ async def test_handler_gone_fails_pending_queries_at_once(broker: Broker) -> Non
                     await entered.wait()
                     await handler.async_shutdown()
             assert asker.is_running
+
+
+async def test_queries_waiting_for_a_worker_fail_at_shutdown(broker: Broker) -> None:
+    with trio.fail_after(10):
+        entered = trio.Event()
+        failures: list[BaseException] = []
+
+        async def hang(msg: Slow) -> OkMsg:
+            entered.set()
+            await trio.sleep_forever()
+            raise AssertionError("unreachable")  # pragma: no cover
+
+        async def ask(asker: Peer) -> None:
+            try:
+                await asker.query(Slow())
+            except HandlerGoneError as exc:
+                failures.append(exc)
+
+        async with Peer(broker.url, "asker", query_timeout=60) as asker:
+            async with Peer(broker.url, "handler", max_concurrent_queries=1) as handler:
+                await handler.register_query_handler(Slow, hang)
+                async with trio.open_nursery() as nursery:
+                    for _ in range(3):  # one runs, two wait for the worker
+                        nursery.start_soon(ask, asker)
+                    await entered.wait()
+                    await wait_for_condition(
+                        lambda: handler._query_recv.statistics().current_buffer_used == 2
+                    )
+                    await handler.async_shutdown()
+            assert len(failures) == 3  # none left to time out
 
 
 async def test_timeout_then_late_reply_is_dropped(

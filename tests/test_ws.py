@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import struct
+
 import pytest
 import trio
 import trio_websocket
@@ -106,3 +109,82 @@ async def test_rejected_handshake_names_the_status(nursery: trio.Nursery) -> Non
         with pytest.raises(_ws.ConnectionRejected) as info:
             await _ws.connect(stream, "x", "/", 1 << 20, 5.0)
         assert info.value.status_code == 403
+
+
+async def ws_pair(nursery: trio.Nursery) -> tuple[_ws.WebSocket, _ws.WebSocket]:
+    """A (client, server) pair of peerkit WebSockets over loopback TCP."""
+    accepted: list[_ws.WebSocket] = []
+    got = trio.Event()
+
+    async def handler(ws: _ws.WebSocket) -> None:
+        accepted.append(ws)
+        got.set()
+        await trio.sleep_forever()
+
+    port = await nursery.start(_ws.serve, handler, "127.0.0.1", 0, None, 64 << 20, 5.0, 2.0)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    client = await _ws.connect(stream, "127.0.0.1", "/", 64 << 20, 2.0)
+    await got.wait()
+    return client, accepted[0]
+
+
+BIG = b"x" * (32 << 20)  # more than loopback socket buffers hold
+
+
+async def test_a_cancelled_read_loses_nothing(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        client, server = await ws_pair(nursery)
+        await client.send_message(b"one")
+        await trio.sleep(0.2)  # the bytes wait in the server's socket
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await server.get_message()
+        assert scope.cancelled_caught
+        assert await server.get_message() == b"one"
+
+
+async def test_a_write_cancelled_mid_frame_still_ends_the_frame(nursery: trio.Nursery) -> None:
+    """The broker's kick: its writer is cancelled mid-frame, then it closes with 1008."""
+    with trio.fail_after(10):
+        client, server = await ws_pair(nursery)
+        with trio.move_on_after(0.5) as scope:
+            await server.send_message(BIG)  # the client does not read: stuck mid-frame
+        assert scope.cancelled_caught
+        nursery.start_soon(server.aclose, 1008, "kicked")
+        with pytest.raises(_ws.ConnectionClosed) as info:
+            while True:
+                await client.get_message()
+        assert info.value.reason == _ws.CloseReason(1008, "kicked")
+
+
+async def test_nothing_overtakes_a_send_that_waits_its_turn(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        client, server = await ws_pair(nursery)
+        seen: list[bool] = []
+
+        async def first() -> None:  # like the broker's reader answering a ping
+            await server.send_message(BIG)  # blocks: the client is not reading
+            seen.append(server.can_send_now())  # at once, before the waiting send ran
+
+        nursery.start_soon(first)
+        await trio.sleep(0.3)
+        nursery.start_soon(server.send_message, b"second")  # waits its turn, frame built
+        await trio.sleep(0.3)
+        got = [await client.get_message() for _ in range(2)]
+        assert len(got[0]) == len(BIG) and got[1] == b"second"
+        assert seen == [False]  # the turn went to the waiting send: nothing could overtake
+
+
+async def test_a_reset_during_the_handshake_is_a_handshake_error() -> None:
+    with trio.fail_after(10):
+        listener = trio.socket.socket()
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        stream = await trio.open_tcp_stream("127.0.0.1", listener.getsockname()[1])
+        conn, _ = await listener.accept()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()  # the server resets the connection
+        await trio.sleep(0.1)
+        with pytest.raises((_ws.HandshakeError, OSError, trio.BrokenResourceError)):
+            await _ws.connect(stream, "127.0.0.1", "/", 1 << 20, 1.0)
+        listener.close()
