@@ -24,6 +24,10 @@ _PANICK_TYPE = PanickMsg.message_type()
 _PEER_LEFT_TYPE = PeerLeft.message_type()
 _PUB = int(Kind.PUB)
 
+#: Control envelopes (answers, queries, notices) a connection may have waiting beside its
+#: published messages before the broker gives the peer up as not reading.
+CONTROL_BACKLOG = 4096
+
 
 class _Conn:
     """One authenticated peer connection, seen from the broker."""
@@ -78,10 +82,18 @@ class _Conn:
         self.scope.cancel(reason=reason)
 
     def push(self, data: bytes) -> None:
-        """Queue a control envelope (never dropped: bounded by the protocol itself)."""
-        self.out.append((data, b"", 0))
+        """Queue a control envelope. These are never dropped; a peer that lets more than
+        :data:`CONTROL_BACKLOG` of them (beside its published messages) pile up does not
+        read what it asked for, and is disconnected."""
+        out = self.out
+        out.append((data, b"", 0))
         self.dirty.add(self)
         self.wakeup.set()
+        if len(out) > self.limit + CONTROL_BACKLOG:
+            self.kick(
+                f"it does not read the broker's answers ({len(out)} envelopes waiting; "
+                "a peer must keep reading its connection)"
+            )
 
     def push_run(self, head: bytes, body: bytes, count: int) -> None:
         """Queue a PUB envelope of ``count`` messages (the caller checked the room)."""

@@ -346,3 +346,30 @@ async def test_malformed_message_with_a_plain_handler(broker: Broker) -> None:
                 await arrived.wait()
             assert got == [b"ok"]
             assert sub.decode_errors == 1
+
+
+async def test_a_peer_that_never_reads_its_answers_is_disconnected(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answers are never dropped, so their queue is bounded by giving the peer up."""
+    monkeypatch.setattr("peerkit._broker_conn.CONTROL_BACKLOG", 64)
+    with trio.fail_after(30):
+        broker = Broker(send_queue_size=10)
+        await nursery.start(broker.run)
+        left: list[str] = []
+        gone = trio.Event()
+
+        def on_left(pid: str, reason: str) -> None:
+            left.append(reason)
+            gone.set()
+
+        broker.on_peer_left = on_left
+        async with raw(broker.url, "deaf") as ws:
+            info = pack_envelope(int(Kind.INFO), "", "", 1)
+            with trio.move_on_after(20):
+                while not gone.is_set():  # ask and never read: the socket buffers fill
+                    await ws.send_message(info * 10)  # fewer than the bound per frame
+            await gone.wait()
+        assert "does not read" in left[0]
+        await assert_broker_still_routes(broker)
+        await broker.shutdown()
