@@ -87,8 +87,7 @@ class _Conn:
         read what it asked for, and is disconnected."""
         out = self.out
         out.append((data, b"", 0))
-        self.dirty.add(self)
-        self.wakeup.set()
+        self._changed()
         if len(out) > self.limit + CONTROL_BACKLOG:
             self.kick(
                 f"it does not read the broker's answers ({len(out)} envelopes waiting; "
@@ -99,13 +98,16 @@ class _Conn:
         """Queue a PUB envelope of ``count`` messages (the caller checked the room)."""
         self.queued += count
         self.out.append((head, body, count))
-        self.dirty.add(self)
-        self.wakeup.set()
+        self._changed()
 
     def lost(self, count: int) -> None:
         """Count published messages that did not fit (reported in the next frame)."""
         self.dropped_pending += count
         self.dropped_total += count
+        self._changed()
+
+    def _changed(self) -> None:
+        """Something new to send: the reader may write it at once, else the writer will."""
         self.dirty.add(self)
         self.wakeup.set()
 

@@ -104,19 +104,14 @@ class BrokerDispatch:
             target = conns.get(pid)
             if target is None:
                 continue
-            room = target.limit - target.queued
-            if count <= room:
+            part, kept = codec.fit_run(body, count, target.limit - target.queued)
+            if kept == count:
                 target.push_run(head, body, count)
                 continue
-            if room > 0:
-                try:
-                    part = codec.split_run(body, room)
-                except DecodeError:
-                    room = 0
-                else:
-                    part_head = envelope_head(_PUB, msg_type, sender, room, "", len(part))
-                    target.push_run(part_head, part, room)
-            target.lost(count - room)
+            if kept:
+                part_head = envelope_head(_PUB, msg_type, sender, kept, "", len(part))
+                target.push_run(part_head, part, kept)
+            target.lost(count - kept)
             if self.overflow == "disconnect":
                 target.kick(
                     f"its outgoing queue overflowed (send_queue_size={self.send_queue_size}): "

@@ -284,22 +284,14 @@ class PeerLink(PeerBase):
         """Queue an incoming run of messages for the handlers; what does not fit in
         ``receive_queue_size`` messages is dropped and counted."""
         count = item.corr
-        room = self.receive_queue_size - self._inbox_count
-        if count > room:
-            lost = count
-            if room > 0:
-                try:
-                    item = item._replace(corr=room, body=codec.split_run(item.body, room))
-                except DecodeError:
-                    room = 0
-                else:
-                    lost = count - room
-            self.dropped_messages += lost
-            self._local_drops += lost  # reported once per frame by the reader
-            if room <= 0:
+        body, kept = codec.fit_run(item.body, count, self.receive_queue_size - self._inbox_count)
+        if kept < count:
+            self.dropped_messages += count - kept
+            self._local_drops += count - kept  # reported once per frame by the reader
+            if not kept:
                 return
-            count = room
-        self._inbox_count += count
+            item = item._replace(corr=kept, body=body)
+        self._inbox_count += kept
         self._inbox.append(item)
         self._inbox_ready.set()
 

@@ -181,12 +181,12 @@ class WebSocket:
             elif isinstance(event, Ping):
                 self._queue_control(event.response())
             elif isinstance(event, CloseConnection):
-                if self._closed is None:
-                    self._closed = CloseReason(event.code, event.reason or "")
-                if self._conn.state == ConnectionState.REMOTE_CLOSING:
+                if self._conn.state == ConnectionState.REMOTE_CLOSING:  # the other side's
+                    if self._closed is None:
+                        self._closed = CloseReason(event.code, event.reason or "")
                     self._queue_control(event.response())
-                elif self._conn.state == ConnectionState.OPEN:  # wsproto found a bad frame
-                    self._queue_control(CloseConnection(code=event.code, reason=event.reason))
+                else:  # wsproto found a bad frame and reports it this way
+                    self._close_locally(event.code, event.reason or "")
             elif isinstance(event, Request | AcceptConnection | RejectConnection):
                 self._handshake = event
 
@@ -228,10 +228,7 @@ class WebSocket:
         :meth:`flush`, writes first.
         """
         assert self._sock is not None and not self._send_lock.locked() and not self._backlog
-        frame = self._conn.send(BytesMessage(data=data))
-        if self._control:
-            frame = b"".join(self._control) + frame
-            self._control.clear()
+        frame = self._with_waiting(self._conn.send(BytesMessage(data=data)))
         try:
             sent = self._sock.send(frame)
         except BlockingIOError:
@@ -251,6 +248,17 @@ class WebSocket:
         """Write the backlog (and any protocol answers waiting)."""
         await self._send(b"")
 
+    def _with_waiting(self, data: bytes) -> bytes:
+        """``data`` behind what was generated before it and waits: the backlog, then
+        protocol answers (pongs, close frames)."""
+        if self._control:
+            data = b"".join(self._control) + data
+            self._control.clear()
+        if self._backlog:
+            data = bytes(self._backlog) + data
+            self._backlog.clear()
+        return data
+
     async def _send(self, data: bytes) -> None:
         lock = self._send_lock
         try:
@@ -258,12 +266,7 @@ class WebSocket:
         except trio.WouldBlock:  # another task is writing: wait for it, in order
             await lock.acquire()
         try:
-            if self._control:
-                data = b"".join(self._control) + data
-                self._control.clear()
-            if self._backlog:  # written before anything generated after it
-                data = bytes(self._backlog) + data
-                self._backlog.clear()
+            data = self._with_waiting(data)
             if data:
                 await self._write(data)
         except _STREAM_ERRORS as exc:

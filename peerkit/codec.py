@@ -32,6 +32,7 @@ __all__ = [
     "decode_run",
     "encode_body",
     "envelope_head",
+    "fit_run",
     "iter_envelopes",
     "pack_envelope",
     "split_run",
@@ -312,13 +313,20 @@ def _what(cls: type[Message], sender: str) -> str:
     return f"{cls.__message_type__!r}" + (f" from {sender!r}" if sender else "")
 
 
-def _structure(cls: type[Message], data: dict[str, Any], sender: str) -> Message:
-    """Build ``cls`` from an unpacked body map, or raise a :class:`DecodeError` saying why."""
+def _structure(cls: type[Message], data: object, sender: str) -> Message:
+    """Build ``cls`` from an unpacked body, or raise a :class:`DecodeError` saying why."""
     fast = _structurer(cls)
     try:
-        return fast(data, sender)
-    except Exception:  # re-run below for a detailed report
-        pass
+        return fast(data, sender)  # type: ignore[arg-type]
+    except Exception:  # _explain says why, precisely
+        return _explain(cls, data, sender)
+
+
+def _explain(cls: type[Message], data: object, sender: str) -> Message:
+    """The slow path after the fast try failed: the detailed converter builds the message,
+    or the :class:`DecodeError` names the fields at fault."""
+    if type(data) is not dict:
+        raise DecodeError(f"cannot decode message {_what(cls, sender)}: body is not a map")
     data["sender"] = sender
     try:
         return converter.structure(data, cls)
@@ -341,8 +349,6 @@ def decode_body(cls: type[Message], body: bytes, sender: str = "") -> Message:
         raise DecodeError(
             f"cannot decode message {_what(cls, sender)}: body is not valid msgpack ({exc})"
         ) from None
-    if type(data) is not dict:
-        raise DecodeError(f"cannot decode message {_what(cls, sender)}: body is not a map")
     return _structure(cls, data, sender)
 
 
@@ -359,6 +365,19 @@ def split_run(bodies: bytes, keep: int) -> bytes:
     except Exception as exc:  # msgpack raises several unrelated types
         raise DecodeError(f"cannot split a run of message bodies: {exc}") from None
     return bodies[: unpacker.tell()]
+
+
+def fit_run(bodies: bytes, count: int, room: int) -> tuple[bytes, int]:
+    """What of a run of ``count`` bodies fits a queue with ``room`` messages free: the
+    bodies and how many they are (``b"", 0`` when none fits or the run cannot be cut)."""
+    if count <= room:
+        return bodies, count
+    if room <= 0:
+        return b"", 0
+    try:
+        return split_run(bodies, room), room
+    except DecodeError:
+        return b"", 0
 
 
 def decode_run(
@@ -387,13 +406,8 @@ def decode_run(
                 continue
             except Exception:  # explained below
                 pass
-            if type(data) is not dict:
-                append(
-                    DecodeError(f"cannot decode message {_what(cls, sender)}: body is not a map")
-                )
-                continue
             try:
-                append(_structure(cls, data, sender))
+                append(_explain(cls, data, sender))
             except DecodeError as exc:
                 append(exc)
     except Exception as exc:  # msgpack raises several unrelated types

@@ -119,6 +119,15 @@ def test_split_run_keeps_the_first_bodies() -> None:
         split_run(b"\xc1\xc1", 1)
 
 
+def test_fit_run_keeps_what_fits_the_room() -> None:
+    bodies = run_of(*(Item(n=i) for i in range(5)))
+    assert codec.fit_run(bodies, 5, 5) == (bodies, 5)
+    assert codec.fit_run(bodies, 5, 9) == (bodies, 5)
+    assert codec.fit_run(bodies, 5, 2) == (split_run(bodies, 2), 2)
+    assert codec.fit_run(bodies, 5, 0) == (b"", 0)
+    assert codec.fit_run(b"\xc1\xc1", 2, 1) == (b"", 0)  # cannot be cut: nothing fits
+
+
 # ----------------------------------------------------------------------------- queueing
 
 ops = st.lists(
