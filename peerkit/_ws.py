@@ -1,8 +1,9 @@
-"""A lean WebSocket connection for trio, on wsproto (internal).
+"""A lean WebSocket connection for trio, on the Sans-I/O layer of ``websockets`` (internal).
 
-wsproto does the protocol (handshake, framing, masking, close and ping rules); this module
-only moves its bytes: over TLS through the :class:`trio.SSLStream`, over plain TCP straight
-through the socket (a write the kernel takes at once does not yield; a read yields once).
+``websockets`` does the protocol (handshake, framing, masking in C, close and ping rules,
+the message size limit); this module only moves its bytes: over TLS through the
+:class:`trio.SSLStream`, over plain TCP straight through the socket (a write the kernel takes
+at once does not yield; a read yields once).
 
 Unlike trio-websocket it has no background reader task, no message channel and no send
 lock: :meth:`WebSocket.get_message` reads and parses in the calling task, and
@@ -19,31 +20,43 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, NamedTuple
 
 import trio
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Ping,
-    RejectConnection,
-    Request,
-    TextMessage,
-)
-from wsproto.utilities import ProtocolError
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidState, InvalidStatus, InvalidURI, ProtocolError
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import Protocol, State
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
 
 from ._wsconf import RECEIVE_BUFFER
 
 __all__ = ["CloseReason", "ConnectionClosed", "ConnectionRejected", "HandshakeError", "WebSocket"]
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+_BINARY, _TEXT, _CONT = Opcode.BINARY, Opcode.TEXT, Opcode.CONT
+_OPEN, _CONNECTING = State.OPEN, State.CONNECTING
+
+
+class _ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The protocol's log, as ``peerkit.websocket``. Its per-connection INFO lines
+    ("connection open", "connection closed") repeat what the broker and the peers log
+    themselves, so they go out at DEBUG."""
+
+    def info(self, msg: object, *args: object, **kwargs: Any) -> None:
+        self.debug(msg, *args, **kwargs)
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        return msg, kwargs
+
+
+_LOG = _ProtocolLog(logging.getLogger("peerkit.websocket"), None)
 
 
 def _detach(stream: trio.SocketStream) -> socket.socket:
@@ -84,32 +97,26 @@ class ConnectionRejected(HandshakeError):
 class WebSocket:
     """One WebSocket connection over a trio stream (TCP or TLS)."""
 
-    def __init__(
-        self,
-        stream: trio.abc.Stream,
-        kind: ConnectionType,
-        max_message_size: int,
-        close_timeout: float,
-    ) -> None:
+    def __init__(self, stream: trio.abc.Stream, protocol: Protocol, close_timeout: float) -> None:
         self._stream = stream
         #: plain TCP: the socket itself, used without SocketStream's scheduling passes
         self._sock = _detach(stream) if isinstance(stream, trio.SocketStream) else None
-        self._conn = WSConnection(kind)
-        self._max = max_message_size
+        self._proto = protocol
         self._close_timeout = close_timeout
         self._messages: collections.deque[bytes | str] = collections.deque()
-        self._parts: list[Any] = []  # the pieces of a message in progress
-        self._size = 0
+        self._parts: list[bytes | bytearray | memoryview] = []  # a message in progress
+        self._text = False  # ... which is a text message
         self._closed: CloseReason | None = None
         self._eof = False
-        self._control: list[bytes] = []  # pongs and close frames waiting to be sent
+        self._control: list[bytes] = []  # the protocol's answers (pongs, close frames)
         self._backlog = bytearray()  # the part of a send_nowait the kernel did not take
         #: one writer at a time, in arrival order; a released lock passes straight to the
         #: next waiter, so nobody (send_nowait included) can overtake a frame that waits
         self._send_lock = trio.StrictFIFOLock()
         self._reading = False
+        self._drained = False  # the last read left the socket empty
         self._read_done = trio.lowlevel.ParkingLot()
-        self._handshake: Event | None = None
+        self._handshake: Request | Response | None = None
 
     @property
     def closed(self) -> CloseReason | None:
@@ -126,7 +133,7 @@ class WebSocket:
         return self._messages.popleft()
 
     async def _receive(self) -> None:
-        """Read once, let wsproto parse, and send what the protocol asks for.
+        """Read once, let the protocol parse, and send what it asks for.
 
         If another task is reading, wait for its read instead (its result serves both).
         """
@@ -138,7 +145,8 @@ class WebSocket:
             await self._receive_once()
         finally:
             self._reading = False
-            self._read_done.unpark_all()
+            if self._read_done:
+                self._read_done.unpark_all()
 
     async def _receive_once(self) -> None:
         try:
@@ -149,56 +157,66 @@ class WebSocket:
         if not data:
             self._lost("connection lost")
             return
-        try:
-            self._conn.receive_data(data if type(data) is bytes else bytes(data))
-            self._process_events()
-        except ProtocolError as exc:
-            hint = getattr(exc, "event_hint", None)
-            if self._conn.state == ConnectionState.CONNECTING and isinstance(
-                hint, RejectConnection
-            ):
-                self._queue_control(hint)  # an HTTP error answer to a bad handshake
-            self._close_locally(1002, f"protocol error: {exc}")
+        proto = self._proto
+        proto.receive_data(data)  # never raises: a bad frame makes the protocol fail
+        self._process_events(proto.events_received())
+        self._take_answers()
         if self._control:
             await self._send(b"")
 
-    def _process_events(self) -> None:
-        for event in self._conn.events():
-            if isinstance(event, BytesMessage | TextMessage):
-                self._size += len(event.data)
-                if self._size > self._max:
-                    self._close_locally(1009, f"message over {self._max} bytes")
+    def _process_events(self, events: list[Request | Response | Frame]) -> None:
+        for event in events:
+            if type(event) is Frame:
+                op = event.opcode
+                if op is _BINARY or op is _TEXT:
+                    self._parts = [event.data]
+                    self._text = op is _TEXT
+                elif op is _CONT:
+                    self._parts.append(event.data)
+                else:
+                    continue  # ping, pong, close: the protocol answers them itself
+                if event.fin and not self._finish_message():
                     return
-                self._parts.append(event.data)
-                if event.message_finished:
-                    parts, self._parts, self._size = self._parts, [], 0
-                    if isinstance(event, TextMessage):
-                        self._messages.append("".join(parts))
-                    elif len(parts) == 1 and type(parts[0]) is bytes:
-                        self._messages.append(parts[0])
-                    else:
-                        self._messages.append(b"".join(parts))
-            elif isinstance(event, Ping):
-                self._queue_control(event.response())
-            elif isinstance(event, CloseConnection):
-                if self._conn.state == ConnectionState.REMOTE_CLOSING:  # the other side's
-                    if self._closed is None:
-                        self._closed = CloseReason(event.code, event.reason or "")
-                    self._queue_control(event.response())
-                else:  # wsproto found a bad frame and reports it this way
-                    self._close_locally(event.code, event.reason or "")
-            elif isinstance(event, Request | AcceptConnection | RejectConnection):
-                self._handshake = event
+            else:
+                self._handshake = event  # type: ignore[assignment]
 
-    def _queue_control(self, event: Event) -> None:
-        with contextlib.suppress(ProtocolError):  # when the state no longer allows it
-            self._control.append(self._conn.send(event))
+    def _finish_message(self) -> bool:
+        """Queue the message whose last frame came; False if it failed the connection."""
+        parts, self._parts = self._parts, []
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if not self._text:
+            self._messages.append(data if type(data) is bytes else bytes(data))
+            return True
+        try:
+            self._messages.append(str(data, "utf-8"))
+        except UnicodeDecodeError:
+            self._fail(1007, "a text message is not valid UTF-8")
+            return False
+        return True
 
-    def _close_locally(self, code: int, reason: str) -> None:
+    def _take_answers(self) -> None:
+        """Collect what the protocol wrote while receiving, and note a close."""
+        proto = self._proto
+        out = proto.data_to_send()
+        if out:
+            self._control.extend(out)  # an empty item (end of stream) joins to nothing
+        if self._closed is None and proto.state is not _OPEN:
+            if proto.state is _CONNECTING:
+                if proto.handshake_exc is not None and self._handshake is None:
+                    self._closed = CloseReason(1002, f"bad handshake: {proto.handshake_exc}")
+                return
+            close = proto.close_rcvd or proto.close_sent
+            self._closed = (
+                CloseReason(close.code, close.reason)
+                if close is not None
+                else CloseReason(1006, "connection lost")
+            )
+
+    def _fail(self, code: int, reason: str) -> None:
         if self._closed is None:
             self._closed = CloseReason(code, reason)
-        if self._conn.state == ConnectionState.OPEN:
-            self._queue_control(CloseConnection(code=code, reason=reason[:120]))
+        self._proto.fail(code, reason)
+        self._control.extend(self._proto.data_to_send())
 
     def _lost(self, reason: str) -> None:
         self._eof = True
@@ -206,11 +224,21 @@ class WebSocket:
             self._closed = CloseReason(1006, reason)
 
     # -------------------------------------------------------------------- sending
-    async def send_message(self, data: bytes) -> None:
-        """Send one binary message (written to the stream before this returns)."""
+    def _frame(self, data: bytes) -> bytes:
+        """``data`` as a binary frame (ConnectionClosed once closed)."""
         if self._closed is not None:
             raise ConnectionClosed(self._closed)
-        await self._send(self._conn.send(BytesMessage(data=data)))
+        proto = self._proto
+        try:
+            proto.send_binary(data)
+        except InvalidState:
+            raise ConnectionClosed(self._closed or CloseReason(1006, "closed")) from None
+        out = proto.data_to_send()
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    async def send_message(self, data: bytes) -> None:
+        """Send one binary message (written to the stream before this returns)."""
+        await self._send(self._frame(data))
 
     def can_send_now(self) -> bool:
         """Whether :meth:`send_nowait` may be used: plain TCP, open, nothing being written."""
@@ -228,7 +256,7 @@ class WebSocket:
         :meth:`flush`, writes first.
         """
         assert self._sock is not None and not self._send_lock.locked() and not self._backlog
-        frame = self._with_waiting(self._conn.send(BytesMessage(data=data)))
+        frame = self._with_waiting(self._frame(data))
         try:
             sent = self._sock.send(frame)
         except BlockingIOError:
@@ -278,14 +306,20 @@ class WebSocket:
     # -------------------------------------------------------------------- closing
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         """Close: send a close frame, wait (bounded) for the other side's, close the stream."""
+        proto = self._proto
         try:
             with trio.move_on_after(self._close_timeout):
-                if self._conn.state == ConnectionState.OPEN:
+                if proto.state is _OPEN:
                     if self._closed is None:
                         self._closed = CloseReason(code, reason or "")
-                    self._queue_control(CloseConnection(code=code, reason=reason))
+                    # a control frame holds 125 bytes: 2 for the code, the rest for a reason
+                    short = (reason or "").encode()[:120].decode(errors="ignore")
+                    with contextlib.suppress(ProtocolError):  # a code no one may send
+                        proto.send_close(code, short)
+                    self._control.extend(proto.data_to_send())
                 await self._send(b"")
-                while self._conn.state != ConnectionState.CLOSED and not self._eof:
+                waiting = proto.state is not _CONNECTING
+                while waiting and proto.close_rcvd is None and not self._eof:
                     await self._receive()
         except ConnectionClosed:
             pass
@@ -300,14 +334,19 @@ class WebSocket:
         if sock is None:
             return await self._stream.receive_some(RECEIVE_BUFFER)
         await trio.lowlevel.checkpoint_if_cancelled()
-        waited = False
+        # after a read that did not fill the buffer the socket is most likely drained: wait
+        # first rather than pay for a recv that fails
+        waited = self._drained
+        if waited:
+            await trio.lowlevel.wait_readable(sock)  # cancelled here: nothing was read
         while True:
             try:
                 data = sock.recv(RECEIVE_BUFFER)
                 break
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)  # cancelled here: nothing was read
+                await trio.lowlevel.wait_readable(sock)
                 waited = True
+        self._drained = len(data) < RECEIVE_BUFFER
         if not waited:  # data was already there: still let the others run (not cancellable
             await trio.lowlevel.cancel_shielded_checkpoint()  # now: the data is taken)
         return data
@@ -349,7 +388,7 @@ class WebSocket:
             await trio.lowlevel.checkpoint()
 
     # ------------------------------------------------------------------ handshakes
-    async def _handshake_event(self) -> Event:
+    async def _handshake_event(self) -> Request | Response:
         while self._handshake is None:
             if self._closed is not None:
                 raise HandshakeError(f"connection closed during the handshake: {self._closed}")
@@ -360,10 +399,18 @@ class WebSocket:
 async def connect(
     stream: trio.abc.Stream, host: str, resource: str, max_message_size: int, close_timeout: float
 ) -> WebSocket:
-    """The client side of the opening handshake over ``stream``."""
-    ws = WebSocket(stream, ConnectionType.CLIENT, max_message_size, close_timeout)
+    """The client side of the opening handshake over ``stream`` (``host`` as in a URL)."""
+    scheme = "wss" if isinstance(stream, trio.SSLStream) else "ws"
     try:
-        await ws._send(ws._conn.send(Request(host=host, target=resource)))
+        uri = parse_uri(f"{scheme}://{host}{resource}")
+    except InvalidURI as exc:
+        await trio.aclose_forcefully(stream)
+        raise HandshakeError(f"not a usable WebSocket address: {exc}") from None
+    proto = ClientProtocol(uri, max_size=max_message_size, logger=_LOG)
+    ws = WebSocket(stream, proto, close_timeout)
+    try:
+        proto.send_request(proto.connect())
+        await ws._send(b"".join(proto.data_to_send()))
         answer = await ws._handshake_event()
     except ConnectionClosed as exc:
         await ws.abort()
@@ -371,9 +418,13 @@ async def connect(
     except BaseException:
         await ws.abort()
         raise
-    if isinstance(answer, RejectConnection):
+    failure = proto.handshake_exc
+    if failure is not None:
         await ws.abort()
-        raise ConnectionRejected(answer.status_code)
+        if isinstance(failure, InvalidStatus):
+            raise ConnectionRejected(failure.response.status_code)
+        raise HandshakeError(f"the server's handshake answer is not usable: {failure}")
+    assert isinstance(answer, Response)
     return ws
 
 
@@ -398,17 +449,21 @@ async def serve(
     )
 
     async def one(stream: trio.abc.Stream) -> None:
-        ws = WebSocket(stream, ConnectionType.SERVER, max_message_size, close_timeout)
+        proto = ServerProtocol(max_size=max_message_size, logger=_LOG)
+        ws = WebSocket(stream, proto, close_timeout)
         accepted = False
         try:
             with trio.move_on_after(handshake_timeout):
-                if isinstance(await ws._handshake_event(), Request):
-                    await ws._send(ws._conn.send(AcceptConnection()))
-                    accepted = True
+                request = await ws._handshake_event()
+                assert isinstance(request, Request)
+                response = proto.accept(request)  # or a 4xx answer to a bad request
+                proto.send_response(response)
+                await ws._send(b"".join(proto.data_to_send()))
+                accepted = response.status_code == 101
         except (HandshakeError, ConnectionClosed, *_STREAM_ERRORS):
             accepted = False
         try:
-            if accepted and ws._conn.state == ConnectionState.OPEN:
+            if accepted and proto.state is _OPEN:
                 await handler(ws)
         finally:
             with trio.CancelScope(shield=True):

@@ -182,6 +182,7 @@ def machine_info() -> dict[str, Any]:
         "executable": sys.executable,
         "trio": version("trio"),
         "trio-websocket": version("trio-websocket"),
+        "websockets": version("websockets"),
         "wsproto": version("wsproto"),
         "msgpack": version("msgpack"),
         "cattrs": version("cattrs"),
@@ -281,9 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{info['platform']}"
     )
     print(
-        f"python:  {info['python']}; trio {info['trio']}, trio-websocket "
-        f"{info['trio-websocket']}, wsproto {info['wsproto']}, msgpack {info['msgpack']}, "
-        f"cattrs {info['cattrs']}; peerkit {info['peerkit']}"
+        f"python:  {info['python']}; trio {info['trio']}, websockets {info['websockets']}, "
+        f"trio-websocket {info['trio-websocket']} (wsproto {info['wsproto']}), "
+        f"msgpack {info['msgpack']}, cattrs {info['cattrs']}; peerkit {info['peerkit']}"
     )
     sys.stdout.flush()
     started = time.monotonic()

@@ -8,6 +8,10 @@ import struct
 import pytest
 import trio
 import trio_websocket
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from peerkit import _ws
 
@@ -188,3 +192,78 @@ async def test_a_reset_during_the_handshake_is_a_handshake_error() -> None:
         with pytest.raises((_ws.HandshakeError, OSError, trio.BrokenResourceError)):
             await _ws.connect(stream, "127.0.0.1", "/", 1 << 20, 1.0)
         listener.close()
+
+
+class RawClient:
+    """A client that writes frames as given (websockets' Sans-I/O protocol over a stream),
+    for frames trio-websocket never sends: fragments, bad UTF-8."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.proto = ClientProtocol(parse_uri("ws://127.0.0.1/"), max_size=None)
+
+    @classmethod
+    async def open(cls, port: int) -> RawClient:
+        client = cls(await trio.open_tcp_stream("127.0.0.1", port))
+        client.proto.send_request(client.proto.connect())
+        await client.flush()
+        while client.proto.state is not State.OPEN:
+            await client.feed()
+        return client
+
+    async def flush(self) -> None:
+        await self.stream.send_all(b"".join(self.proto.data_to_send()))
+
+    async def feed(self) -> list[Frame]:
+        data = await self.stream.receive_some(65536)
+        if data:
+            self.proto.receive_data(data)
+        else:
+            self.proto.receive_eof()
+        return [e for e in self.proto.events_received() if isinstance(e, Frame)]
+
+    async def next_data(self) -> bytes:
+        while True:
+            for frame in await self.feed():
+                if frame.opcode in (Opcode.BINARY, Opcode.TEXT):
+                    return bytes(frame.data)
+
+    async def close_code(self) -> int | None:
+        while self.proto.close_rcvd is None:
+            await self.feed()
+        return self.proto.close_rcvd.code
+
+
+async def test_fragments_are_joined_into_one_message(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        client = await RawClient.open(await echo_server(nursery))
+        client.proto.send_binary(b"ab", fin=False)
+        client.proto.send_ping(b"in between")  # a control frame may come between fragments
+        client.proto.send_continuation(b"cd", fin=False)
+        client.proto.send_continuation(b"ef", fin=True)
+        await client.flush()
+        assert await client.next_data() == b"abcdef"
+
+
+async def test_fragments_over_the_limit_close_with_1009(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        client = await RawClient.open(await echo_server(nursery, max_message_size=1000))
+        client.proto.send_binary(b"x" * 600, fin=False)
+        client.proto.send_continuation(b"x" * 600, fin=True)  # each fits, the sum does not
+        await client.flush()
+        assert await client.close_code() == 1009
+
+
+async def test_text_that_is_not_utf8_closes_with_1007(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        client = await RawClient.open(await echo_server(nursery))
+        client.proto.send_text(b"caf\xc3")  # cut in the middle of a character
+        await client.flush()
+        assert await client.close_code() == 1007
+
+
+async def test_a_frame_that_breaks_the_protocol_closes_with_1002(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        client = await RawClient.open(await echo_server(nursery))
+        await client.stream.send_all(b"\x82\x05hello")  # a client frame must be masked
+        assert await client.close_code() == 1002
