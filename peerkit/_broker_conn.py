@@ -29,12 +29,29 @@ _PUB = int(Kind.PUB)
 CONTROL_BACKLOG = 4096
 
 
+class Changes:
+    """The connections with something new to send, while the broker's reader handles an
+    incoming frame (``holding``).
+
+    Their writers are not woken during the frame: at its end the reader writes at once what
+    the kernel takes (``Broker._send_inline``) and wakes only the writers with work left, so
+    a query or a lone message costs no writer pass. Outside a frame (a heartbeat, a peer
+    leaving) a change wakes the writer straight away.
+    """
+
+    __slots__ = ("conns", "holding")
+
+    def __init__(self) -> None:
+        self.conns: set[_Conn] = set()
+        self.holding = False
+
+
 class _Conn:
     """One authenticated peer connection, seen from the broker."""
 
     __slots__ = (
+        "changes",
         "close_reason",
-        "dirty",
         "dropped_pending",
         "dropped_total",
         "goodbye",
@@ -52,10 +69,9 @@ class _Conn:
         "ws",
     )
 
-    def __init__(self, peer_id: str, ws: WebSocket, limit: int, dirty: set[_Conn]) -> None:
+    def __init__(self, peer_id: str, ws: WebSocket, limit: int, changes: Changes) -> None:
         self.peer_id = peer_id
-        #: the broker's set of connections with something new to send (see Broker._reader)
-        self.dirty = dirty
+        self.changes = changes  # the broker's
         self.ws = ws
         self.limit = limit
         #: envelopes as (head, body, published messages): a control envelope is all head and
@@ -108,8 +124,11 @@ class _Conn:
 
     def _changed(self) -> None:
         """Something new to send: the reader may write it at once, else the writer will."""
-        self.dirty.add(self)
-        self.wakeup.set()
+        changes = self.changes
+        if changes.holding:
+            changes.conns.add(self)
+        else:
+            self.wakeup.set()
 
 
 def _check_bind(host: str, token: str | None) -> None:

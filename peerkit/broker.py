@@ -24,6 +24,7 @@ from ._broker_conn import (
     _PEER_LEFT_TYPE,
     _RESERVED_IDS,
     BROKER_ID,
+    Changes,
     _check_bind,
     _Conn,
     log,
@@ -134,7 +135,7 @@ class Broker(BrokerDispatch, OwnNursery):
 
         self.routing = RoutingTable()
         self._conns: dict[str, _Conn] = {}
-        self._dirty: set[_Conn] = set()  # connections with something new to send
+        self._changes = Changes()  # connections given something to send by a frame
         self._batch_limit = batch_limit(max_message_size)
         self._started = False
         self._listening = False
@@ -329,7 +330,7 @@ class Broker(BrokerDispatch, OwnNursery):
         elif self._shutting_down:
             reason, detail = "shutting_down", "the broker is shutting down"
         else:
-            conn = _Conn(pid, ws, self.send_queue_size, self._dirty)
+            conn = _Conn(pid, ws, self.send_queue_size, self._changes)
             self._conns[pid] = conn
             self.routing.add_peer(pid)
             self._all_gone = trio.Event()
@@ -430,13 +431,17 @@ class Broker(BrokerDispatch, OwnNursery):
         """Write to the connections an incoming frame gave something to send, from the
         reader, when their writer is idle and the kernel takes it without waiting: a query
         or a lone message need not wait for each writer task's turn. The rest (and what
-        the kernel did not take) is left to the writers."""
-        for conn in self._dirty:
+        the kernel did not take) is left to the writers, woken here."""
+        changes = self._changes
+        changes.holding = False
+        for conn in changes.conns:
             ws = conn.ws
             if (conn.out or conn.dropped_pending) and ws.can_send_now():
                 ws.send_nowait(self._next_frame(conn))
                 conn.last_sent = trio.current_time()
-        self._dirty.clear()
+            if conn.out or conn.dropped_pending or ws.backlog or ws.closed is not None:
+                conn.wakeup.set()
+        changes.conns.clear()
 
     # ------------------------------------------------------------------ reader
     async def _reader(self, conn: _Conn) -> None:
@@ -447,13 +452,15 @@ class Broker(BrokerDispatch, OwnNursery):
             except _ws.ConnectionClosed:
                 return
             conn.last_seen = trio.current_time()
+            self._changes.holding = True
             try:
                 for env in codec.iter_envelopes(frame):  # type: ignore[arg-type]
                     self._dispatch(conn, env)
             except DecodeError as exc:
                 log.warning("bad frame from %r: %s", conn.peer_id, exc)
                 conn.push(control(Kind.ERROR, RequestFailed(code="bad_frame", detail=str(exc))))
-            self._send_inline()
+            finally:
+                self._send_inline()
             if conn.goodbye is not None and conn.scope.deadline == math.inf:
                 # the peer closes after its goodbye; wait for that (bounded) rather than
                 # closing from both ends at once
