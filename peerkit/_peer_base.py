@@ -81,6 +81,9 @@ class PeerBase(StateMachine):
     _can_send: bool
     _welcome: Welcome | None
     _heard: float
+    _caller_reads: bool
+    _read_scope: trio.CancelScope | None
+    _reads_back: trio.Event
     _max_message_size: int
     _out: collections.deque[Outgoing]
     _tail: Run | None

@@ -204,6 +204,9 @@ class Peer(PeerMessaging, OwnNursery):
         self._out: collections.deque[Outgoing] = collections.deque()
         self._tail: Run | None = None  # the run at the end of _out, while it can grow
         self._heard = 0.0  # trio time of the last frame from the broker
+        self._caller_reads = False  # a caller waiting for an answer reads the connection
+        self._read_scope: trio.CancelScope | None = None  # the reader task's reads
+        self._reads_back = trio.Event()  # set when that caller hands the reading back
         self._out_ready = trio.Event()
         self._progress = trio.lowlevel.ParkingLot()
         self._enqueued = 0

@@ -10,6 +10,7 @@ import trio.lowlevel
 
 from peerkit import (
     Broker,
+    BrokerLostError,
     HandlerAlreadyRegistered,
     HandlerGoneError,
     Message,
@@ -310,3 +311,125 @@ async def test_handler_may_query_itself_recursively(broker: Broker) -> None:
     with trio.fail_after(10):
         async with Chain(broker.url, "chain"), Peer(broker.url, "asker") as asker:
             assert await asker.query(Add(a=0, b=5)) == Sum(value=5, sender="chain")
+
+
+# ------------------------------------------------------------------ the asker reads itself
+# A lone query's caller reads the connection itself while it waits (no hand-off from the
+# reader task). These check that nothing else is lost or reordered by that, and that the
+# reading always goes back to the reader task.
+
+
+@message
+class Aside(Message):
+    seq: int
+
+
+async def test_what_arrives_while_a_query_waits_is_delivered_in_order(broker: Broker) -> None:
+    with trio.fail_after(10):
+        got: list[int] = []
+        sent = 0
+        async with Peer(broker.url, "h") as h, Peer(broker.url, "asker") as asker:
+
+            async def add(msg: Add) -> Sum:  # publishes to the asker before it answers
+                nonlocal sent
+                for _ in range(msg.a):
+                    sent += 1
+                    await h.send_message(Aside(seq=sent))
+                return Sum(value=msg.a)
+
+            await h.register_query_handler(Add, add)
+            await asker.subscribe_for_all_msg_subtype(Aside, lambda m: got.append(m.seq))
+            for n in (1, 50, 0, 3, 400):
+                assert await asker.query(Add(a=n, b=0)) == Sum(value=n, sender="h")
+            await wait_for_condition(lambda: len(got) >= sent)
+            assert got == list(range(1, sent + 1))
+
+
+async def test_a_query_that_times_out_hands_the_reading_back(
+    broker: Broker, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(60):
+        got: list[int] = []
+
+        async def never(msg: Slow) -> OkMsg:
+            await trio.sleep_forever()
+            raise AssertionError("unreachable")
+
+        async with Peer(broker.url, "h") as h, Peer(broker.url, "asker") as asker:
+            await h.register_query_handler(Slow, never)
+            await asker.subscribe_for_all_msg_subtype(Aside, lambda m: got.append(m.seq))
+            with pytest.raises(QueryTimeout):
+                await asker.query(Slow(), timeout=1)
+            await h.send_message(Aside(seq=1))  # only the reader task is left to read it
+            await wait_for_condition(lambda: got == [1])
+            assert asker.is_running
+
+
+async def test_concurrent_queries_from_one_peer_all_get_their_own_answer(
+    broker: Broker,
+) -> None:
+    with trio.fail_after(10):
+
+        async def add(msg: Add) -> Sum:  # answers out of order
+            await trio.sleep((msg.a % 4) / 1000)
+            return Sum(value=msg.a + msg.b)
+
+        answers: dict[int, Message] = {}
+        async with Peer(broker.url, "h", max_concurrent_queries=64) as h:
+            await h.register_query_handler(Add, add)
+            async with Peer(broker.url, "asker") as asker:
+
+                async def ask(i: int) -> None:
+                    answers[i] = await asker.query(Add(a=i, b=1000))
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(40):
+                        nursery.start_soon(ask, i)
+        assert answers == {i: Sum(value=i + 1000, sender="h") for i in range(40)}
+
+
+async def test_a_query_waiting_when_the_broker_vanishes_ends_the_peer(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(60):
+        broker = Broker(heartbeat_interval=1, heartbeat_timeout=3)
+        outcome: list[str] = []
+        async with trio.open_nursery() as outer:
+            broker_scope = trio.CancelScope()
+
+            async def run_broker(task_status: trio.TaskStatus[None]) -> None:
+                with broker_scope:
+                    await broker.run(task_status=task_status)
+
+            await outer.start(run_broker)
+            h = Peer(broker.url, "h")
+            asker = Peer(broker.url, "asker")
+            asking = trio.Event()
+
+            async def never(msg: Slow) -> OkMsg:
+                asking.set()
+                await trio.sleep_forever()
+                raise AssertionError("unreachable")
+
+            async def ask() -> None:
+                try:
+                    await asker.query(Slow(), timeout=30)
+                    outcome.append("answered")
+                except trio.Cancelled:
+                    outcome.append("cancelled")
+                    raise
+
+            async def run(peer: Peer) -> None:
+                with pytest.raises(BrokerLostError):
+                    await peer.run()
+
+            outer.start_soon(run, h)
+            outer.start_soon(run, asker)
+            await h.wait_for_state(lambda p: p.is_running, timeout=5)
+            await h.register_query_handler(Slow, never)
+            await asker.wait_for_state(lambda p: p.is_running, timeout=5)
+            asker.create_task(ask)
+            await asking.wait()
+            broker_scope.cancel()  # abrupt: the connections just close
+        assert outcome == ["cancelled"]
+        assert asker.is_finished and isinstance(asker.error, BrokerLostError)
