@@ -261,6 +261,12 @@ class PeerMessaging(PeerLink):
     ) -> None:
         """Answer ``msg_type`` queries with ``handler(msg) -> response message``.
 
+        An ``async`` handler runs in one of the ``max_concurrent_queries`` query workers. A
+        plain function answers at once, in whichever task is reading the broker connection
+        when the query arrives (the peer's reader, or a task of this peer that waits for an
+        answer of its own): keep it short and non-blocking, as any code that runs in the
+        reader.
+
         A second handler of the same type (any peer) is refused unless all use the same
         ``policy``: ``"round_robin"`` (the broker alternates) or ``"explicit"`` (queries
         raise :class:`MultiplePeersAvailable`; use :meth:`ask_peer`).
@@ -384,7 +390,7 @@ class PeerMessaging(PeerLink):
         except Exception as exc:
             self._remote_error(env, exc)
             return None
-        if inspect.isawaitable(result):
+        if not isinstance(result, Message) and inspect.isawaitable(result):
             return result
         self._reply(env, result)
         return None

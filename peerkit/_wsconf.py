@@ -27,8 +27,8 @@ def batch_limit(max_message_size: int) -> int:
 #: receiver's queue (the broker's default queue holds ten such frames).
 MAX_BATCH = 1024
 
-#: Bytes read from the socket at a time: batched frames are large, and trio-websocket's
-#: 4 KiB default made one frame cost dozens of reads and parser passes.
+#: Bytes read from the socket at a time: batched frames are large, and a small buffer
+#: (trio-websocket's default is 4 KiB) made one frame cost dozens of reads and parser passes.
 RECEIVE_BUFFER = 256 * 1024
 
 

@@ -1,10 +1,12 @@
-"""The broker: a trio-websocket server that routes envelopes between peers.
+"""The broker: a WebSocket server (:mod:`peerkit._ws`) that routes envelopes between peers.
 
 It decodes only envelope headers and control bodies; published messages and query bodies are
 forwarded as opaque bytes, packed once however many subscribers receive them. Each connection
-has a bounded outgoing queue drained by one writer task that batches everything queued into
-one WebSocket frame. The broker never waits for a slow peer: on overflow it drops published
-messages and tells the subscriber how many (or disconnects it, by option).
+has a bounded outgoing queue. At the end of each incoming frame the reader writes to the idle
+connections it gave something to what the kernel takes at once; the rest is drained by the
+connection's writer task, which batches everything queued into one WebSocket frame. The
+broker never waits for a slow peer: on overflow it drops published messages and tells the
+subscriber how many (or disconnects it, by option).
 """
 
 from __future__ import annotations
