@@ -237,18 +237,24 @@ class PeerLink(PeerBase):
         a query's round trip was that much longer. So a lone caller that waits takes the
         reading over; it handles every frame as the reader would (in order, nothing
         skipped) and hands the reading back once its answer came, or it was cancelled, or
-        the connection closed (the reader task then sees that).
+        the connection closed (the reader task then sees that). Only where a cancelled read
+        leaves the connection intact (plain TCP): taking over cancels the reader's read.
         """
         ws = self._ws
-        if self._caller_reads or ws is None:  # another caller reads: it serves us too
-            await pending.event.wait()
+        if self._caller_reads or ws is None or not ws.reads_survive_cancellation:
+            await pending.event.wait()  # the reader (or the caller reading) serves us
             return
         self._caller_reads = True
         if self._read_scope is not None:
             self._read_scope.cancel()
         try:
             while not pending.event.is_set():
-                self._on_frame(await ws.get_message())
+                frame = await ws.get_message()
+                try:
+                    self._on_frame(frame)
+                except Exception as exc:  # as in the reader task: the peer fails
+                    self._fail(exc)
+                    raise
         except _ws.ConnectionClosed:
             pass
         finally:

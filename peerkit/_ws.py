@@ -14,6 +14,11 @@ execution; a message crossing the broker took six more of them than it needs.
 Readers take turns through a flag and writers through a FIFO lock: normally one task reads
 (the peer's or the broker's reader) and one writes; a task that finds the stream busy
 (closing while the reader still runs, answering a ping during a send) waits its turn.
+
+Everything the protocol generates (data frames, pongs, close frames) joins one outgoing
+list in the order it was generated, and whoever writes next writes all of it. A write that
+is cancelled, or that the kernel takes only in part, leaves the rest at the head of a
+backlog: nothing generated is lost or reordered, and no frame is left half written.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -108,8 +114,11 @@ class WebSocket:
         self._text = False  # ... which is a text message
         self._closed: CloseReason | None = None
         self._eof = False
-        self._control: list[bytes] = []  # the protocol's answers (pongs, close frames)
-        self._backlog = bytearray()  # the part of a send_nowait the kernel did not take
+        self._out: list[bytes] = []  # generated and not yet written, in order
+        self._backlog = bytearray()  # the unwritten rest of an earlier write (goes first)
+        self._end_wanted = False  # the protocol asked to end the stream (a server's close)
+        #: a client's handshake answer as it arrives, for its status line
+        self._answer_head: bytearray | None = None
         #: one writer at a time, in arrival order; a released lock passes straight to the
         #: next waiter, so nobody (send_nowait included) can overtake a frame that waits
         self._send_lock = trio.StrictFIFOLock()
@@ -157,12 +166,23 @@ class WebSocket:
         if not data:
             self._lost("connection lost")
             return
+        if self._answer_head is not None:
+            self._answer_head += data[:1024]
         proto = self._proto
         proto.receive_data(data)  # never raises: a bad frame makes the protocol fail
         self._process_events(proto.events_received())
         self._take_answers()
-        if self._control:
-            await self._send(b"")
+        # a pong, a close reply: written without a checkpoint when nothing else is being
+        # written, so that a reader cancelled right now still answers
+        if (
+            self._out
+            and self._sock is not None
+            and not self._backlog
+            and not (self._send_lock.locked())
+        ):
+            self._write_nowait()
+        if self._out or self._backlog:
+            await self._send()
 
     def _process_events(self, events: list[Request | Response | Frame]) -> None:
         for event in events:
@@ -197,15 +217,18 @@ class WebSocket:
     def _take_answers(self) -> None:
         """Collect what the protocol wrote while receiving, and note a close."""
         proto = self._proto
-        out = proto.data_to_send()
-        if out:
-            self._control.extend(out)  # an empty item (end of stream) joins to nothing
+        self._generated()
         if self._closed is None and proto.state is not _OPEN:
             if proto.state is _CONNECTING:
                 if proto.handshake_exc is not None and self._handshake is None:
                     self._closed = CloseReason(1002, f"bad handshake: {proto.handshake_exc}")
                 return
-            close = proto.close_rcvd or proto.close_sent
+            # when we failed the connection, our close says why, whatever came before it
+            close = (
+                proto.close_sent
+                if proto.parser_exc is not None
+                else proto.close_rcvd or proto.close_sent
+            )
             self._closed = (
                 CloseReason(close.code, close.reason)
                 if close is not None
@@ -216,7 +239,7 @@ class WebSocket:
         if self._closed is None:
             self._closed = CloseReason(code, reason)
         self._proto.fail(code, reason)
-        self._control.extend(self._proto.data_to_send())
+        self._generated()
 
     def _lost(self, reason: str) -> None:
         self._eof = True
@@ -224,21 +247,36 @@ class WebSocket:
             self._closed = CloseReason(1006, reason)
 
     # -------------------------------------------------------------------- sending
-    def _frame(self, data: bytes) -> bytes:
-        """``data`` as a binary frame (ConnectionClosed once closed)."""
+    def _generated(self) -> None:
+        """Move what the protocol generated to the outgoing list (an empty item asks to
+        end the stream)."""
+        for chunk in self._proto.data_to_send():
+            if chunk:
+                self._out.append(chunk)
+            else:
+                self._end_wanted = True
+
+    def _frame(self, data: bytes) -> None:
+        """Generate ``data`` as a binary frame (ConnectionClosed once closed)."""
         if self._closed is not None:
             raise ConnectionClosed(self._closed)
-        proto = self._proto
         try:
-            proto.send_binary(data)
+            self._proto.send_binary(data)
         except InvalidState:
             raise ConnectionClosed(self._closed or CloseReason(1006, "closed")) from None
-        out = proto.data_to_send()
-        return out[0] if len(out) == 1 else b"".join(out)
+        self._generated()
 
     async def send_message(self, data: bytes) -> None:
-        """Send one binary message (written to the stream before this returns)."""
-        await self._send(self._frame(data))
+        """Send one binary message (written to the stream before this returns, unless
+        cancelled: then it goes out first with the next write)."""
+        self._frame(data)
+        await self._send()
+
+    @property
+    def reads_survive_cancellation(self) -> bool:
+        """Whether a cancelled :meth:`get_message` leaves the connection as it was (plain
+        TCP; a TLS stream may be left broken by a cancelled read)."""
+        return self._sock is not None
 
     def can_send_now(self) -> bool:
         """Whether :meth:`send_nowait` may be used: plain TCP, open, nothing being written."""
@@ -256,16 +294,23 @@ class WebSocket:
         :meth:`flush`, writes first.
         """
         assert self._sock is not None and not self._send_lock.locked() and not self._backlog
-        frame = self._with_waiting(self._frame(data))
+        self._frame(data)
+        self._write_nowait()
+
+    def _write_nowait(self) -> None:
+        """Give the kernel what it takes of the outgoing list at once (plain TCP, nothing
+        being written, no backlog); the rest becomes the backlog."""
+        assert self._sock is not None
+        data = self._take_out()
         try:
-            sent = self._sock.send(frame)
+            sent = self._sock.send(data)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
             self._lost(f"connection lost: {exc}")
             return
-        if sent < len(frame):
-            self._backlog += memoryview(frame)[sent:]
+        if sent < len(data):
+            self._backlog += memoryview(data)[sent:]
 
     @property
     def backlog(self) -> bool:
@@ -274,29 +319,30 @@ class WebSocket:
 
     async def flush(self) -> None:
         """Write the backlog (and any protocol answers waiting)."""
-        await self._send(b"")
+        await self._send()
 
-    def _with_waiting(self, data: bytes) -> bytes:
-        """``data`` behind what was generated before it and waits: the backlog, then
-        protocol answers (pongs, close frames)."""
-        if self._control:
-            data = b"".join(self._control) + data
-            self._control.clear()
+    def _take_out(self) -> bytes:
+        """The backlog, then everything generated since, as one block to write."""
+        out = self._out
+        if len(out) == 1 and not self._backlog:
+            return out.pop()
+        data = b"".join(out)
+        out.clear()
         if self._backlog:
             data = bytes(self._backlog) + data
             self._backlog.clear()
         return data
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self) -> None:
+        """Write the backlog and everything generated so far."""
         lock = self._send_lock
         try:
             lock.acquire_nowait()  # the common case: no scheduling pass
         except trio.WouldBlock:  # another task is writing: wait for it, in order
             await lock.acquire()
         try:
-            data = self._with_waiting(data)
-            if data:
-                await self._write(data)
+            if self._out or self._backlog:
+                await self._write(self._take_out())
         except _STREAM_ERRORS as exc:
             self._lost(f"connection lost: {exc}")
             raise ConnectionClosed(self._closed or CloseReason(1006, "lost")) from None
@@ -316,10 +362,12 @@ class WebSocket:
                     short = (reason or "").encode()[:120].decode(errors="ignore")
                     with contextlib.suppress(ProtocolError):  # a code no one may send
                         proto.send_close(code, short)
-                    self._control.extend(proto.data_to_send())
-                await self._send(b"")
-                waiting = proto.state is not _CONNECTING
-                while waiting and proto.close_rcvd is None and not self._eof:
+                    self._generated()
+                await self._send()
+                # wait for the other side's close frame, unless the protocol says the
+                # stream ends now (a server that failed the connection, or got the answer)
+                waiting = proto.state is not _CONNECTING and proto.close_sent is not None
+                while waiting and proto.close_rcvd is None and not (self._eof or self._end_wanted):
                     await self._receive()
         except ConnectionClosed:
             pass
@@ -360,18 +408,17 @@ class WebSocket:
                 self._lost("a write was cancelled halfway")
                 raise
             return
-        await trio.lowlevel.checkpoint_if_cancelled()
         with memoryview(data) as view:
             sent = 0
             try:
+                await trio.lowlevel.checkpoint_if_cancelled()
                 while sent < len(view):
                     try:
                         sent += sock.send(view[sent:])
                     except BlockingIOError:  # the kernel's buffer is full: wait for room
                         await trio.lowlevel.wait_writable(sock)
-            except trio.Cancelled:
-                if sent:  # never half a frame on the wire: the rest goes out first next time
-                    self._backlog[0:0] = view[sent:]
+            except trio.Cancelled:  # nothing lost, never half a frame on the wire: the
+                self._backlog[0:0] = view[sent:]  # rest goes out first next time
                 raise
 
     async def abort(self) -> None:
@@ -390,10 +437,31 @@ class WebSocket:
     # ------------------------------------------------------------------ handshakes
     async def _handshake_event(self) -> Request | Response:
         while self._handshake is None:
+            if self._answer_head is not None:
+                status = _refusal(self._answer_head)
+                if status is not None:
+                    raise ConnectionRejected(status)
             if self._closed is not None:
                 raise HandshakeError(f"connection closed during the handshake: {self._closed}")
             await self._receive()
         return self._handshake
+
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})[ \r]")
+
+
+def _refusal(head: bytearray) -> int | None:
+    """The status of a server's handshake answer that is not 101, from its first line.
+
+    A refusal is known from its status line: there is no need to wait for its body (which a
+    server may send without a length, leaving the connection open) or to accept only what
+    the protocol library parses (it wants HTTP/1.1).
+    """
+    match = _STATUS_LINE.match(head)
+    if match is None:
+        return None
+    status = int(match.group(1))
+    return None if status == 101 else status
 
 
 async def connect(
@@ -408,9 +476,11 @@ async def connect(
         raise HandshakeError(f"not a usable WebSocket address: {exc}") from None
     proto = ClientProtocol(uri, max_size=max_message_size, logger=_LOG)
     ws = WebSocket(stream, proto, close_timeout)
+    ws._answer_head = bytearray()
     try:
         proto.send_request(proto.connect())
-        await ws._send(b"".join(proto.data_to_send()))
+        ws._generated()
+        await ws._send()
         answer = await ws._handshake_event()
     except ConnectionClosed as exc:
         await ws.abort()
@@ -418,6 +488,7 @@ async def connect(
     except BaseException:
         await ws.abort()
         raise
+    ws._answer_head = None
     failure = proto.handshake_exc
     if failure is not None:
         await ws.abort()
@@ -458,7 +529,8 @@ async def serve(
                 assert isinstance(request, Request)
                 response = proto.accept(request)  # or a 4xx answer to a bad request
                 proto.send_response(response)
-                await ws._send(b"".join(proto.data_to_send()))
+                ws._generated()
+                await ws._send()
                 accepted = response.status_code == 101
         except (HandshakeError, ConnectionClosed, *_STREAM_ERRORS):
             accepted = False

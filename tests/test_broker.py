@@ -161,18 +161,13 @@ async def test_silent_peer_is_dropped_and_panick_published(
         await broker.shutdown()
 
 
-async def test_peer_notices_lost_broker(autojump_clock: trio.abc.Clock) -> None:
+async def test_peer_notices_lost_broker(
+    vanishing_broker: tuple[Broker, trio.CancelScope], autojump_clock: trio.abc.Clock
+) -> None:
+    broker, broker_scope = vanishing_broker
     with trio.fail_after(60):
-        broker = Broker(heartbeat_interval=1, heartbeat_timeout=3)
         peer_error: list[BaseException] = []
         async with trio.open_nursery() as outer:
-            broker_scope = trio.CancelScope()
-
-            async def run_broker(task_status: trio.TaskStatus[None]) -> None:
-                with broker_scope:
-                    await broker.run(task_status=task_status)
-
-            await outer.start(run_broker)
             peer = Peer(broker.url, "orphan")
 
             async def run_peer() -> None:

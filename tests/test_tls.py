@@ -9,20 +9,16 @@ import trio
 
 from peerkit import Broker, BrokerConnectError, Message, Peer, message
 
-trustme = pytest.importorskip("trustme")
-
 
 @message
 class Secret(Message):
     text: str
 
 
-async def test_peers_talk_over_tls(nursery: trio.Nursery) -> None:
-    ca = trustme.CA()
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
+async def test_peers_talk_over_tls(
+    nursery: trio.Nursery, tls: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    server_ctx, client_ctx = tls
     with trio.fail_after(10):
         broker = Broker(ssl_context=server_ctx)
         await nursery.start(broker.run)

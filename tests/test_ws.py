@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import socket
 import struct
 
@@ -14,6 +16,7 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from peerkit import _ws
+from peerkit.testing import wait_for_condition
 
 
 async def echo_server(nursery: trio.Nursery, max_message_size: int = 1 << 20) -> int:
@@ -196,11 +199,13 @@ async def test_a_reset_during_the_handshake_is_a_handshake_error() -> None:
 
 class RawClient:
     """A client that writes frames as given (websockets' Sans-I/O protocol over a stream),
-    for frames trio-websocket never sends: fragments, bad UTF-8."""
+    for frames trio-websocket never sends (fragments, bad UTF-8). Like RFC 6455 asks of a
+    client, it answers a close and then waits for the server to end the TCP connection."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.proto = ClientProtocol(parse_uri("ws://127.0.0.1/"), max_size=None)
+        self.frames: list[Frame] = []
 
     @classmethod
     async def open(cls, port: int) -> RawClient:
@@ -212,25 +217,33 @@ class RawClient:
         return client
 
     async def flush(self) -> None:
-        await self.stream.send_all(b"".join(self.proto.data_to_send()))
+        data = b"".join(self.proto.data_to_send())
+        if data:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.stream.send_all(data)
 
-    async def feed(self) -> list[Frame]:
+    async def feed(self) -> bool:
+        """Read once and answer what the protocol asks for; False once the stream ended."""
         data = await self.stream.receive_some(65536)
         if data:
             self.proto.receive_data(data)
         else:
             self.proto.receive_eof()
-        return [e for e in self.proto.events_received() if isinstance(e, Frame)]
+        self.frames += [e for e in self.proto.events_received() if isinstance(e, Frame)]
+        await self.flush()
+        return bool(data)
 
     async def next_data(self) -> bytes:
         while True:
-            for frame in await self.feed():
+            while self.frames:
+                frame = self.frames.pop(0)
                 if frame.opcode in (Opcode.BINARY, Opcode.TEXT):
                     return bytes(frame.data)
+            assert await self.feed(), "the connection ended"
 
-    async def close_code(self) -> int | None:
+    async def close_code(self) -> int:
         while self.proto.close_rcvd is None:
-            await self.feed()
+            assert await self.feed(), "the connection ended without a close frame"
         return self.proto.close_rcvd.code
 
 
@@ -267,3 +280,162 @@ async def test_a_frame_that_breaks_the_protocol_closes_with_1002(nursery: trio.N
         client = await RawClient.open(await echo_server(nursery))
         await client.stream.send_all(b"\x82\x05hello")  # a client frame must be masked
         assert await client.close_code() == 1002
+
+
+async def closing_server(nursery: trio.Nursery, closed_after: list[float]) -> int:
+    """A server that reads until the connection closes, then closes its side as the broker
+    does (``aclose``), noting how long that took."""
+
+    async def handler(ws: _ws.WebSocket) -> None:
+        with contextlib.suppress(_ws.ConnectionClosed):
+            while True:
+                await ws.get_message()
+        start = trio.current_time()
+        await ws.aclose()
+        closed_after.append(trio.current_time() - start)
+
+    port: int = await nursery.start(_ws.serve, handler, "127.0.0.1", 0, None, 1000, 5.0, 3.0)
+    return port
+
+
+@pytest.mark.parametrize("bad", ["unmasked", "too_big", "bad_utf8"])
+async def test_a_failed_connection_ends_the_tcp_connection_at_once(
+    nursery: trio.Nursery, bad: str
+) -> None:
+    """After failing a connection the server closes TCP at once, rather than wait (its
+    close timeout) for a close reply that the protocol would discard anyway."""
+    with trio.fail_after(15):
+        closed_after: list[float] = []
+        client = await RawClient.open(await closing_server(nursery, closed_after))
+        if bad == "unmasked":
+            await client.stream.send_all(b"\x82\x05hello")
+        elif bad == "bad_utf8":
+            client.proto.send_text(b"caf\xc3")
+        else:
+            client.proto.send_binary(b"x" * 2000)
+        await client.flush()
+        start = trio.current_time()
+        while await client.feed():  # reads the close frame, answers it, waits for the end
+            pass
+        assert client.proto.close_rcvd is not None
+        assert client.proto.close_rcvd.code == {"unmasked": 1002, "too_big": 1009}.get(bad, 1007)
+        assert trio.current_time() - start < 1.0  # the close timeout is 3 s
+        await wait_for_condition(lambda: bool(closed_after))
+        assert closed_after[0] < 1.0
+
+
+async def test_a_close_in_the_middle_of_a_message_is_reported_as_our_1002(
+    nursery: trio.Nursery,
+) -> None:
+    seen: list[_ws.CloseReason] = []
+
+    async def handler(ws: _ws.WebSocket) -> None:
+        try:
+            while True:
+                await ws.get_message()
+        except _ws.ConnectionClosed as exc:
+            seen.append(exc.reason)
+
+    with trio.fail_after(10):
+        port = await nursery.start(_ws.serve, handler, "127.0.0.1", 0, None, 1 << 20, 5.0, 1.0)
+        client = await RawClient.open(port)
+        client.proto.send_binary(b"ab", fin=False)
+        client.proto.send_close(1000, "bye")  # the message was not finished
+        await client.flush()
+        assert await client.close_code() == 1002
+        await wait_for_condition(lambda: bool(seen))
+        assert seen[0].code == 1002  # what we sent, not the other side's 1000
+
+
+async def test_a_cancelled_flush_keeps_the_backlog(nursery: trio.Nursery) -> None:
+    with trio.fail_after(20):
+        client, server = await ws_pair(nursery)
+        client.send_nowait(BIG)  # the server does not read: most of it stays in the backlog
+        assert client.backlog
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await client.flush()  # cancelled before it wrote a byte
+        assert client.backlog  # the tail of a frame half on the wire was not dropped
+        nursery.start_soon(client.send_message, b"after")
+        assert len(await server.get_message()) == len(BIG)
+        assert await server.get_message() == b"after"
+
+
+async def test_a_kick_after_a_cancelled_flush_still_closes_with_1008(
+    nursery: trio.Nursery,
+) -> None:
+    """The broker's path: an inline send leaves a backlog, the writer's flush waits for room
+    and is cancelled by the kick, then the connection is closed with 1008."""
+    with trio.fail_after(20):
+        client, server = await ws_pair(nursery)
+        server.send_nowait(BIG)  # the client does not read
+        for _ in range(3):  # the first may still fit some bytes in; then nothing fits
+            with trio.move_on_after(0.2):
+                await server.flush()
+        nursery.start_soon(server.aclose, 1008, "kicked")
+        with pytest.raises(_ws.ConnectionClosed) as info:
+            while True:
+                await client.get_message()
+        assert info.value.reason == _ws.CloseReason(1008, "kicked")
+
+
+async def test_a_reader_cancelled_as_a_close_frame_arrives_still_answers_it(
+    nursery: trio.Nursery,
+) -> None:
+    """A peer's reader is cancelled whenever a query takes the reading over; if the close
+    frame is already there, the reader still reads it and its answer must go out (a race:
+    tried many times)."""
+    unanswered = 0
+    with trio.fail_after(60):
+        for _ in range(30):
+            client, server = await ws_pair(nursery)
+            scope = trio.CancelScope()
+            done = trio.Event()
+
+            async def reader(ws: _ws.WebSocket, scope: trio.CancelScope, done: trio.Event) -> None:
+                with scope, contextlib.suppress(_ws.ConnectionClosed):
+                    await ws.get_message()
+                done.set()
+
+            nursery.start_soon(reader, client, scope, done)
+            await trio.testing.wait_all_tasks_blocked()
+            server._proto.send_close(1000, "bye")
+            server._generated()
+            server._write_nowait()
+            await trio.lowlevel.cancel_shielded_checkpoint()  # the reader may read it now
+            scope.cancel()  # as a query taking the reading over does
+            await done.wait()
+            with trio.move_on_after(0.5):
+                while server._proto.close_rcvd is None and not server._eof:
+                    await server._receive()
+            unanswered += server._proto.close_rcvd is None
+            await client.abort()
+            await server.abort()
+    assert unanswered == 0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nno!\r\n0\r\n\r\n",
+        b"HTTP/1.0 403 Forbidden\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 403 Forbidden\r\n\r\n",  # no length, and the connection stays open
+    ],
+    ids=["chunked", "http10", "no_length_kept_open"],
+)
+async def test_every_refusal_is_connection_rejected(nursery: trio.Nursery, answer: bytes) -> None:
+    async def server(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(4096)
+        await stream.send_all(answer)
+        await trio.sleep(5)
+
+    with trio.fail_after(2):
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, server, 0, host="127.0.0.1")
+        )
+        stream = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
+        with pytest.raises(_ws.ConnectionRejected) as info:
+            await _ws.connect(stream, "127.0.0.1", "/", 1 << 20, 1.0)
+        assert info.value.status_code == 403
