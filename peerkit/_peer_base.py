@@ -111,8 +111,9 @@ class PeerBase(StateMachine):
     def _messages_dropped(self, count: int) -> None:
         """Called when ``count`` messages meant for this peer were lost (queue overflow)."""
         log.warning(
-            "peer %r lost %d messages: it receives faster than its handlers run "
-            "(total %d, see peer.dropped_messages)",
+            "peer %r lost %d messages: they came faster than it took them in (its queue at "
+            "the broker or its own receive queue was full; total %d, see "
+            "peer.dropped_messages)",
             self.peer_id,
             count,
             self.dropped_messages,
