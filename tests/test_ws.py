@@ -439,3 +439,17 @@ async def test_every_refusal_is_connection_rejected(nursery: trio.Nursery, answe
         with pytest.raises(_ws.ConnectionRejected) as info:
             await _ws.connect(stream, "127.0.0.1", "/", 1 << 20, 1.0)
         assert info.value.status_code == 403
+
+
+async def test_frames_sent_right_behind_the_handshake_are_not_lost(nursery: trio.Nursery) -> None:
+    """A client that does not wait for the server's answer (RFC 6455 says it should) and
+    sends its first message in the same packet as its handshake."""
+    with trio.fail_after(10):
+        port = await echo_server(nursery)
+        client = RawClient(await trio.open_tcp_stream("127.0.0.1", port))
+        client.proto.send_request(client.proto.connect())
+        early = Frame(Opcode.BINARY, b"early").serialize(mask=True, extensions=[])
+        await client.stream.send_all(b"".join(client.proto.data_to_send()) + early)
+        while client.proto.state is not State.OPEN:
+            await client.feed()
+        assert await client.next_data() == b"early"
