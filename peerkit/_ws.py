@@ -134,6 +134,7 @@ class WebSocket:
         limit = protocol.max_message_size
         self._max = limit if limit is not None else 1 << 63
         self._head_fed = False  # the handshake's HTTP head went to the protocol object
+        self._head_tail = b""  # the last bytes of the head given so far (up to 3)
         self._rbuf = bytearray()  # received bytes of an incomplete frame or header
         self._owed = 0  # bytes of the frame in progress that go to the protocol object
         self._given = bytearray()  # ... or the part of its header it has (length unknown)
@@ -246,11 +247,16 @@ class WebSocket:
                     self._feed(data[pos:])
                     return n
                 if self._head_fed:  # frames sent before the handshake ended wait for it
-                    return pos
-                end = data.find(b"\r\n\r\n", pos)  # the handshake's HTTP head
-                if end < 0 and n - pos < 65536:
-                    return pos  # wait for the rest of it (the protocol limits its size)
-                self._owed = (end + 4 if end >= 0 else n) - pos
+                    return pos  # (at most one read: nothing is read until it ends)
+                # the handshake's HTTP head goes to the protocol as it comes (it limits the
+                # head's size); it ends at the first blank line, perhaps cut across reads
+                tail = self._head_tail
+                end = (tail + data[pos:]).find(b"\r\n\r\n")
+                if end < 0:
+                    self._head_tail = (tail + data[max(pos, n - 3) :])[-3:]
+                    self._feed(data[pos:])
+                    return n
+                self._owed = end + 4 - len(tail)
                 self._head_fed = True
                 continue
             # an open connection: a frame header (RFC 6455, 5.2)
@@ -663,10 +669,12 @@ async def serve(
                 accepted = response.status_code == 101
                 if accepted and ws._rbuf:  # frames a client sent before our answer
                     ws._take_in(b"")
+                    ws._take_answers()
+                    await ws._send()
         except (HandshakeError, ConnectionClosed, *_STREAM_ERRORS):
             accepted = False
         try:
-            if accepted and proto.state is _OPEN:
+            if accepted:  # (the handler also takes what came before a close)
                 await handler(ws)
         finally:
             with trio.CancelScope(shield=True):

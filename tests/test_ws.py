@@ -453,3 +453,32 @@ async def test_frames_sent_right_behind_the_handshake_are_not_lost(nursery: trio
         while client.proto.state is not State.OPEN:
             await client.feed()
         assert await client.next_data() == b"early"
+
+
+@pytest.mark.parametrize("behind", ["ping", "message then close"])
+async def test_what_is_pipelined_behind_the_handshake_is_answered(
+    nursery: trio.Nursery, behind: str
+) -> None:
+    with trio.fail_after(10):
+        seen: list[bytes | str] = []
+
+        async def handler(ws: _ws.WebSocket) -> None:
+            with contextlib.suppress(_ws.ConnectionClosed):
+                while True:
+                    seen.append(await ws.get_message())
+
+        port = await nursery.start(_ws.serve, handler, "127.0.0.1", 0, None, 1 << 20, 5.0, 1.0)
+        client = RawClient(await trio.open_tcp_stream("127.0.0.1", port))
+        client.proto.send_request(client.proto.connect())
+        if behind == "ping":
+            extra = Frame(Opcode.PING, b"there?").serialize(mask=True, extensions=[])
+        else:
+            extra = Frame(Opcode.BINARY, b"early").serialize(mask=True, extensions=[])
+            extra += Frame(Opcode.CLOSE, b"\x03\xe8bye").serialize(mask=True, extensions=[])
+        await client.stream.send_all(b"".join(client.proto.data_to_send()) + extra)
+        if behind == "ping":
+            while not any(f.opcode == Opcode.PONG for f in client.frames):
+                assert await client.feed()
+        else:
+            assert await client.close_code() == 1000
+            await wait_for_condition(lambda: seen == [b"early"])

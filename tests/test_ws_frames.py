@@ -20,6 +20,7 @@ from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+from websockets.streams import StreamReader
 from websockets.uri import parse_uri
 
 from peerkit import _ws
@@ -98,15 +99,20 @@ def feed(ws: _ws.WebSocket, stream: bytes, cuts: list[int]) -> None:
 
 
 def answers(ws: _ws.WebSocket, server: bool) -> list[tuple[Opcode, bytes]]:
-    """The frames the connection wrote (a client's are masked with random keys: compare
-    them unmasked)."""
-    reader = (
-        ClientProtocol(parse_uri("ws://x/"), max_size=None, state=State.OPEN)
-        if server
-        else ServerProtocol(max_size=None, state=State.OPEN)
-    )
-    reader.receive_data(b"".join(ws._out))
-    return [(f.opcode, bytes(f.data)) for f in reader.events_received()]
+    """Every frame the connection wrote, unmasked, including any after a close (a client's
+    are masked with random keys: compare them unmasked)."""
+    reader = StreamReader()
+    reader.feed_data(b"".join(ws._out))
+    reader.feed_eof()
+    frames = []
+    while True:
+        parse = Frame.parse(reader.read_exact, mask=not server, max_size=None)
+        try:
+            next(parse)
+        except StopIteration as done:
+            frames.append((done.value.opcode, bytes(done.value.data)))
+        except EOFError:
+            return frames
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -163,3 +169,39 @@ def test_a_frame_with_a_64_bit_length_over_the_limit_closes_with_1009() -> None:
         feed(ws, frame, cuts)
         assert ws.closed is not None and ws.closed.code == 1009
         assert not ws._messages
+
+
+def handshake_head(padding: int) -> bytes:
+    client = ClientProtocol(parse_uri("ws://x/"))
+    request = client.connect()
+    for i in range(padding):
+        request.headers[f"X-Pad-{i}"] = "a" * 8000
+    client.send_request(request)
+    return b"".join(client.data_to_send())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 10), st.data())
+def test_a_handshake_head_of_any_size_cut_anywhere(padding: int, data: st.DataObject) -> None:
+    head = handshake_head(padding)  # up to 80 KB: within what websockets accepts
+    frame = Frame(Opcode.BINARY, b"right behind").serialize(mask=True, extensions=[])
+    stream = head + frame
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    if data.draw(st.booleans()):  # a cut inside the blank line that ends the head
+        cuts = sorted([*cuts, len(head) - data.draw(st.integers(1, 3))])
+    ws = _ws.WebSocket(trio.testing.MemorySendStream(), ServerProtocol(max_size=LIMIT), 1.0)  # type: ignore[arg-type]
+    feed(ws, stream, cuts)
+    assert ws._handshake is not None and ws.closed is None
+    ws._proto.send_response(ws._proto.accept(ws._handshake))  # type: ignore[union-attr, arg-type]
+    ws._take_in(b"")
+    assert list(ws._messages) == [b"right behind"]
+
+
+def test_a_handshake_head_that_never_ends_is_refused_not_buffered() -> None:
+    ws = _ws.WebSocket(trio.testing.MemorySendStream(), ServerProtocol(max_size=LIMIT), 1.0)  # type: ignore[arg-type]
+    ws._take_in(handshake_head(0)[:-2])  # no blank line yet
+    for _ in range(100):
+        ws._take_in(b"z" * 65536)  # a header line far longer than websockets allows
+        ws._take_answers()
+    assert ws._handshake is None and ws.closed is not None
+    assert len(ws._rbuf) < 65536 and b"431" in b"".join(ws._out)[:20]
