@@ -288,12 +288,13 @@ class WebSocket:
                 end = start + length
                 if end > n:
                     return pos  # wait for the whole frame (at most the size limit)
-                payload: bytes | bytearray = (
-                    apply_mask(data[start:end], data[start - 4 : start])
-                    if masked
-                    else data[start:end]
+                if type(data) is bytes:  # a read's bytes: slicing copies once
+                    body: bytes | memoryview = data[start:end]
+                else:  # the buffer of a frame that took several reads: copy it once
+                    body = memoryview(data)[start:end]  # (released before it shrinks)
+                self._messages.append(
+                    apply_mask(body, data[start - 4 : start]) if masked else bytes(body)
                 )
-                self._messages.append(payload if type(payload) is bytes else bytes(payload))
                 pos = end
             else:
                 self._owed = head + length  # anything else: the protocol object's
