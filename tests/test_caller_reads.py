@@ -281,7 +281,7 @@ async def test_the_brokers_close_is_answered_even_as_a_query_takes_the_reading_o
                     await asker.wait_for_state(lambda p: p.is_running, 5)
                     ws = broker._conns[f"asker{i}"].ws  # what Broker's aclose(1008) writes
                     ws._proto.send_close(1008, "kicked")
-                    ws._generated()
+                    ws._c.generated()
                     ws._write_nowait()
                     await trio.lowlevel.cancel_shielded_checkpoint()  # the reader can run
                     with contextlib.suppress(PeerkitError), trio.move_on_after(1):

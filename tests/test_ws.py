@@ -400,7 +400,7 @@ async def test_a_reader_cancelled_as_a_close_frame_arrives_still_answers_it(
             nursery.start_soon(reader, client, scope, done)
             await trio.testing.wait_all_tasks_blocked()
             server._proto.send_close(1000, "bye")
-            server._generated()
+            server._c.generated()
             server._write_nowait()
             await trio.lowlevel.cancel_shielded_checkpoint()  # the reader may read it now
             scope.cancel()  # as a query taking the reading over does

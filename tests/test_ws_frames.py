@@ -1,4 +1,4 @@
-"""peerkit's data-frame path (``_ws.WebSocket._split`` and ``_frame``) against websockets.
+"""peerkit's data-frame path (``_wsframes.Frames``) against websockets.
 
 The connection frames and unframes whole binary messages itself and gives every other frame
 to websockets' protocol object. Fed the same bytes, cut into reads anywhere, it must end
@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 
 import hypothesis.strategies as st
-import trio
 from hypothesis import HealthCheck, given, settings
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
@@ -23,26 +22,26 @@ from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
 from websockets.uri import parse_uri
 
-from peerkit import _ws
+from peerkit._wsframes import Frames
 
 LIMIT = 300  # the message size limit of the connections under test
 
 
-def connection(server: bool, *, reference: bool = False) -> _ws.WebSocket:
+def connection(server: bool, *, reference: bool = False) -> Frames:
     """An open connection on no stream; ``reference``: every byte goes to websockets."""
     proto = (
         ServerProtocol(max_size=LIMIT, state=State.OPEN)
         if server
         else ClientProtocol(parse_uri("ws://x/"), max_size=LIMIT, state=State.OPEN)
     )
-    ws = _ws.WebSocket(trio.testing.MemorySendStream(), proto, 1.0)  # type: ignore[arg-type]
+    ws = Frames(proto)
     if reference:
 
         def everything_to_the_protocol(data: bytes | bytearray) -> int:
-            ws._feed(bytes(data))
+            ws.feed(bytes(data))
             return len(data)
 
-        ws._split = everything_to_the_protocol  # type: ignore[method-assign]
+        ws.split = everything_to_the_protocol  # type: ignore[method-assign]
     return ws
 
 
@@ -89,20 +88,20 @@ def streams(draw: st.DrawFn, masked: bool) -> tuple[bytes, list[int]]:
     return stream, cuts
 
 
-def feed(ws: _ws.WebSocket, stream: bytes, cuts: list[int]) -> None:
+def feed(ws: Frames, stream: bytes, cuts: list[int]) -> None:
     start = 0
     for cut in [*cuts, len(stream)]:
         if cut > start:
-            ws._take_in(stream[start:cut])
-            ws._take_answers()
+            ws.take_in(stream[start:cut])
+            ws.take_answers()
             start = cut
 
 
-def answers(ws: _ws.WebSocket, server: bool) -> list[tuple[Opcode, bytes]]:
+def answers(ws: Frames, server: bool) -> list[tuple[Opcode, bytes]]:
     """Every frame the connection wrote, unmasked, including any after a close (a client's
     are masked with random keys: compare them unmasked)."""
     reader = StreamReader()
-    reader.feed_data(b"".join(ws._out))
+    reader.feed_data(b"".join(ws.out))
     reader.feed_eof()
     frames = []
     while True:
@@ -122,7 +121,7 @@ def test_the_same_as_websockets_alone(server: bool, data: st.DataObject) -> None
     ours, reference = connection(server), connection(server, reference=True)
     feed(ours, stream, cuts)
     feed(reference, stream, list(range(len(stream))))
-    assert list(ours._messages) == list(reference._messages)
+    assert list(ours.messages) == list(reference.messages)
     assert ours.closed == reference.closed
     assert answers(ours, server) == answers(reference, server)
 
@@ -139,27 +138,27 @@ def test_whole_binary_messages_are_ours_however_cut(
     def not_for_the_protocol(chunk: bytes | bytearray) -> None:
         raise AssertionError(f"a whole binary frame went to websockets: {bytes(chunk)[:20]!r}")
 
-    ws._feed = not_for_the_protocol  # type: ignore[method-assign]
+    ws.feed = not_for_the_protocol  # type: ignore[method-assign]
     feed(ws, stream, cuts)
-    assert list(ws._messages) == messages
-    assert ws.closed is None and not ws._out
+    assert list(ws.messages) == messages
+    assert ws.closed is None and not ws.out
 
 
 def test_frames_we_write_are_the_ones_websockets_writes() -> None:
     for size in (0, 1, 125, 126, 127, 65535, 65536, 70000):
         payload = os.urandom(size)
         server = connection(server=True)
-        server._frame(payload)
-        assert server._out == [Frame(Opcode.BINARY, payload).serialize(mask=False, extensions=[])]
+        server.frame(payload)
+        assert server.out == [Frame(Opcode.BINARY, payload).serialize(mask=False, extensions=[])]
         client = connection(server=False)
-        client._frame(payload)
-        frame = client._out[0]
+        client.frame(payload)
+        frame = client.out[0]
         reader = ServerProtocol(max_size=None, state=State.OPEN)  # insists on a mask
         reader.receive_data(frame)
         [event] = reader.events_received()
         assert (event.opcode, bytes(event.data), event.fin) == (Opcode.BINARY, payload, True)
-        client._frame(payload)
-        assert client._out[1][-size - 4 :][:4] != frame[-size - 4 :][:4] or size == 0  # new key
+        client.frame(payload)
+        assert client.out[1][-size - 4 :][:4] != frame[-size - 4 :][:4] or size == 0  # new key
 
 
 def test_a_frame_with_a_64_bit_length_over_the_limit_closes_with_1009() -> None:
@@ -168,7 +167,7 @@ def test_a_frame_with_a_64_bit_length_over_the_limit_closes_with_1009() -> None:
         ws = connection(server=True)
         feed(ws, frame, cuts)
         assert ws.closed is not None and ws.closed.code == 1009
-        assert not ws._messages
+        assert not ws.messages
 
 
 def handshake_head(padding: int) -> bytes:
@@ -189,19 +188,19 @@ def test_a_handshake_head_of_any_size_cut_anywhere(padding: int, data: st.DataOb
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
     if data.draw(st.booleans()):  # a cut inside the blank line that ends the head
         cuts = sorted([*cuts, len(head) - data.draw(st.integers(1, 3))])
-    ws = _ws.WebSocket(trio.testing.MemorySendStream(), ServerProtocol(max_size=LIMIT), 1.0)  # type: ignore[arg-type]
+    ws = Frames(ServerProtocol(max_size=LIMIT))
     feed(ws, stream, cuts)
-    assert ws._handshake is not None and ws.closed is None
-    ws._proto.send_response(ws._proto.accept(ws._handshake))  # type: ignore[union-attr, arg-type]
-    ws._take_in(b"")
-    assert list(ws._messages) == [b"right behind"]
+    assert ws.handshake is not None and ws.closed is None
+    ws.proto.send_response(ws.proto.accept(ws.handshake))  # type: ignore[union-attr, arg-type]
+    ws.take_in(b"")
+    assert list(ws.messages) == [b"right behind"]
 
 
 def test_a_handshake_head_that_never_ends_is_refused_not_buffered() -> None:
-    ws = _ws.WebSocket(trio.testing.MemorySendStream(), ServerProtocol(max_size=LIMIT), 1.0)  # type: ignore[arg-type]
-    ws._take_in(handshake_head(0)[:-2])  # no blank line yet
+    ws = Frames(ServerProtocol(max_size=LIMIT))
+    ws.take_in(handshake_head(0)[:-2])  # no blank line yet
     for _ in range(100):
-        ws._take_in(b"z" * 65536)  # a header line far longer than websockets allows
-        ws._take_answers()
-    assert ws._handshake is None and ws.closed is not None
-    assert len(ws._rbuf) < 65536 and b"431" in b"".join(ws._out)[:20]
+        ws.take_in(b"z" * 65536)  # a header line far longer than websockets allows
+        ws.take_answers()
+    assert ws.handshake is None and ws.closed is not None
+    assert len(ws.rbuf) < 65536 and b"431" in b"".join(ws.out)[:20]
