@@ -11,7 +11,6 @@ import trio
 from ._ws import WebSocket
 from .errors import PeerkitError
 from .messages import BrokerGoodbyeMsg, PanickMsg, PeerLeft
-from .protocol import Kind
 
 log = logging.getLogger("peerkit.broker")
 
@@ -22,7 +21,6 @@ _MAX_ID_LEN = 200
 
 _PANICK_TYPE = PanickMsg.message_type()
 _PEER_LEFT_TYPE = PeerLeft.message_type()
-_PUB = int(Kind.PUB)
 
 #: Control envelopes (answers, queries, notices) a connection may have waiting beside its
 #: published messages before the broker gives the peer up as not reading.

@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Literal
 
 from . import codec
-from ._broker_conn import _PUB, BROKER_ID, _Conn, log
+from ._broker_conn import BROKER_ID, _Conn, log
 from ._wsconf import MAX_BATCH
 from .codec import Envelope, control, envelope_head, pack_envelope
 from .errors import BrokerRequestError, DecodeError, MultiplePeersAvailable, NoHandlerError
 from .messages import BrokerGoodbyeMsg
+from .protocol import PUB as _PUB
 from .protocol import (
     BrokerInfo,
     Kind,

@@ -17,7 +17,7 @@ from ._wsconf import Outgoing, Run
 from .codec import Envelope
 from .errors import NotConnectedException, ShuttingDownException
 from .messages import MessagesDropped
-from .protocol import Kind, Welcome
+from .protocol import Welcome
 from .states import PeerState, StateMachine
 
 log = logging.getLogger("peerkit.peer")
@@ -26,7 +26,6 @@ Handler = Callable[[Any], Any]
 
 #: How large a frame the peer accepts from the broker (the broker enforces message sizes).
 _PEER_WS_MAX_FRAME = 256 * 1024 * 1024
-_PUB = int(Kind.PUB)
 _DROPPED_TYPE = MessagesDropped.message_type()
 #: send_message yields to the scheduler (and so lets the writer fill a frame) once it queued
 #: this many bytes since it last did, counting each message as its body plus _YIELD_OVERHEAD
@@ -51,6 +50,14 @@ class _Pending:
     event: trio.Event = attrs.field(factory=trio.Event)
     envelope: Envelope | None = None
     error: BaseException | None = None
+
+
+def _never_run(awaitable: object) -> None:
+    """Close a query handler's coroutine that will not be awaited (no "never awaited"
+    warning)."""
+    close = getattr(awaitable, "close", None)
+    if close is not None:
+        close()
 
 
 class PeerBase(StateMachine):

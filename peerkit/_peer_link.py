@@ -14,8 +14,8 @@ from . import _ws, codec
 from ._peer_base import (
     _DROPPED_TYPE,
     _PEER_WS_MAX_FRAME,
-    _PUB,
     PeerBase,
+    _never_run,
     _Pending,
     log,
 )
@@ -33,6 +33,7 @@ from .errors import (
 )
 from .messages import MessagesDropped
 from .protocol import PROTOCOL_VERSION, Hello, Kind, Reject, RequestFailed, Welcome
+from .protocol import PUB as _PUB
 
 
 class PeerLink(PeerBase):
@@ -286,9 +287,7 @@ class PeerLink(PeerBase):
             try:
                 self._query_send.send_nowait((env, rest))
             except trio.WouldBlock:
-                close = getattr(rest, "close", None)
-                if close is not None:
-                    close()  # a coroutine that will never run
+                _never_run(rest)
                 self._query_error(
                     env,
                     "busy",

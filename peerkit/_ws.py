@@ -92,7 +92,6 @@ class WebSocket:
         self._stream = stream
         #: plain TCP: the socket itself, used without SocketStream's scheduling passes
         self._sock = _detach(stream) if isinstance(stream, trio.SocketStream) else None
-        self._proto = protocol
         self._close_timeout = close_timeout
         self._c = Frames(protocol)  # the sans-I/O half: bytes and messages
         self._eof = False
@@ -146,20 +145,14 @@ class WebSocket:
         self._c.receive(data)
         # a pong, a close reply: written without a checkpoint when nothing else is being
         # written, so that a reader cancelled right now still answers
-        if (
-            self._c.out
-            and self._sock is not None
-            and not self._backlog
-            and not (self._send_lock.locked())
-        ):
+        if self._c.out and self._idle():
             self._write_nowait()
         if self._c.out or self._backlog:
             await self._send()
 
     def _lost(self, reason: str) -> None:
         self._eof = True
-        if self._c.closed is None:
-            self._c.closed = CloseReason(1006, reason)
+        self._c.close_as(1006, reason)
 
     # -------------------------------------------------------------------- sending
     async def send_message(self, data: bytes) -> None:
@@ -176,12 +169,11 @@ class WebSocket:
 
     def can_send_now(self) -> bool:
         """Whether :meth:`send_nowait` may be used: plain TCP, open, nothing being written."""
-        return (
-            self._sock is not None
-            and not self._send_lock.locked()
-            and not self._backlog
-            and self._c.closed is None
-        )
+        return self._c.closed is None and self._idle()
+
+    def _idle(self) -> bool:
+        """Plain TCP, with nothing being written and no backlog: a write may go at once."""
+        return self._sock is not None and not self._send_lock.locked() and not self._backlog
 
     def send_nowait(self, data: bytes) -> None:
         """Write one message without waiting (check :meth:`can_send_now` first).
@@ -189,7 +181,7 @@ class WebSocket:
         What the kernel does not take at once stays in a backlog that the next send, or
         :meth:`flush`, writes first.
         """
-        assert self._sock is not None and not self._send_lock.locked() and not self._backlog
+        assert self._idle()
         self._c.frame(data)
         self._write_nowait()
 
@@ -248,12 +240,11 @@ class WebSocket:
     # -------------------------------------------------------------------- closing
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         """Close: send a close frame, wait (bounded) for the other side's, close the stream."""
-        proto = self._proto
+        proto = self._c.proto
         try:
             with trio.move_on_after(self._close_timeout):
                 if proto.state is _OPEN:
-                    if self._c.closed is None:
-                        self._c.closed = CloseReason(code, reason or "")
+                    self._c.close_as(code, reason or "")
                     # a control frame holds 125 bytes: 2 for the code, the rest for a reason
                     short = (reason or "").encode()[:120].decode(errors="ignore")
                     with contextlib.suppress(ProtocolError):  # a code no one may send
@@ -270,8 +261,7 @@ class WebSocket:
         except ConnectionClosed:
             pass
         finally:
-            if self._c.closed is None:
-                self._c.closed = CloseReason(code, reason or "")
+            self._c.close_as(code, reason or "")
             await self.abort()
 
     # ----------------------------------------------------------------- the stream
@@ -321,8 +311,7 @@ class WebSocket:
 
     async def abort(self) -> None:
         """Close the connection at once, without a close handshake."""
-        if self._c.closed is None:
-            self._c.closed = CloseReason(1006, "aborted")
+        self._c.close_as(1006, "aborted")
         self._eof = True
         sock = self._sock
         if sock is None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import collections
 
 from .codec import envelope_head
-from .protocol import Kind
-
-_PUB = int(Kind.PUB)
+from .protocol import PUB as _PUB
 
 #: Bytes of envelope headers allowed on top of a message body in one frame.
 FRAME_OVERHEAD = 64 * 1024

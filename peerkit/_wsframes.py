@@ -237,9 +237,13 @@ class Frames:
                 else CloseReason(1006, "connection lost")
             )
 
-    def fail(self, code: int, reason: str) -> None:
+    def close_as(self, code: int, reason: str) -> None:
+        """Note why the connection closed, unless a reason was noted before (it stands)."""
         if self.closed is None:
             self.closed = CloseReason(code, reason)
+
+    def fail(self, code: int, reason: str) -> None:
+        self.close_as(code, reason)
         self.proto.fail(code, reason)
         self.generated()
 
@@ -259,23 +263,18 @@ class Frames:
         if self.proto.state is not _OPEN:  # closing: no more data frames
             raise ConnectionClosed(CloseReason(1006, "closing"))
         n = len(data)
-        if self.server:  # RFC 6455, 5.2: FIN and binary, then the length
-            if n < 126:
-                head = bytes((0x82, n))
-            elif n < 65536:
-                head = b"\x82\x7e" + n.to_bytes(2, "big")
-            else:
-                head = b"\x82\x7f" + n.to_bytes(8, "big")
-            self.out.append(head + data)
-            return
-        if n < 126:  # a client masks: the mask bit, and a fresh key for every frame
-            head = bytes((0x82, 0x80 | n))
+        mask = 0 if self.server else 0x80  # a client masks, with a fresh key every frame
+        if n < 126:  # RFC 6455, 5.2: FIN and binary, then the length
+            head = bytes((0x82, mask | n))
         elif n < 65536:
-            head = b"\x82\xfe" + n.to_bytes(2, "big")
+            head = bytes((0x82, mask | 126)) + n.to_bytes(2, "big")
         else:
-            head = b"\x82\xff" + n.to_bytes(8, "big")
-        key = os.urandom(4)
-        self.out.append(head + key + apply_mask(data, key))
+            head = bytes((0x82, mask | 127)) + n.to_bytes(8, "big")
+        if mask:
+            key = os.urandom(4)
+            self.out.append(head + key + apply_mask(data, key))
+        else:
+            self.out.append(head + data)
 
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})[ \r]")

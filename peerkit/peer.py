@@ -12,7 +12,7 @@ import trio
 
 from . import _ws, codec
 from ._checks import check_positive_int, check_seconds
-from ._peer_base import Handler, _Pending, _Sub, log
+from ._peer_base import Handler, _never_run, _Pending, _Sub, log
 from ._peer_messaging import PeerMessaging
 from ._util import OwnNursery, raise_single
 from ._wsconf import Outgoing, Run
@@ -513,9 +513,7 @@ class Peer(PeerMessaging, OwnNursery):
                 env, rest = self._query_recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return
-            close = getattr(rest, "close", None)
-            if close is not None:
-                close()  # a coroutine that will never run
+            _never_run(rest)
             if self._link_ok:
                 self._query_error(env, "handler_gone", f"peer {self.peer_id!r} is shutting down")
 

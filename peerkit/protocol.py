@@ -60,6 +60,9 @@ class Kind(enum.IntEnum):
 
 KIND_VALUES = frozenset(int(k) for k in Kind)
 
+#: ``Kind.PUB`` as a plain int, for the hot paths that compare kinds
+PUB = int(Kind.PUB)
+
 
 @message(type="peerkit.Hello")
 class Hello(Message):

@@ -280,14 +280,16 @@ async def test_the_brokers_close_is_answered_even_as_a_query_takes_the_reading_o
                     n.start_soon(run)
                     await asker.wait_for_state(lambda p: p.is_running, 5)
                     ws = broker._conns[f"asker{i}"].ws  # what Broker's aclose(1008) writes
-                    ws._proto.send_close(1008, "kicked")
+                    ws._c.proto.send_close(1008, "kicked")
                     ws._c.generated()
                     ws._write_nowait()
                     await trio.lowlevel.cancel_shielded_checkpoint()  # the reader can run
                     with contextlib.suppress(PeerkitError), trio.move_on_after(1):
                         await asker.query(CAdd(a=1))  # its start cancels the reader's read
                     try:
-                        await wait_for_condition(lambda w=ws: w._proto.close_rcvd is not None, 0.5)
+                        await wait_for_condition(
+                            lambda w=ws: w._c.proto.close_rcvd is not None, 0.5
+                        )
                     except trio.TooSlowError:
                         unanswered += 1
                     await asker.wait_finished()

@@ -399,16 +399,16 @@ async def test_a_reader_cancelled_as_a_close_frame_arrives_still_answers_it(
 
             nursery.start_soon(reader, client, scope, done)
             await trio.testing.wait_all_tasks_blocked()
-            server._proto.send_close(1000, "bye")
+            server._c.proto.send_close(1000, "bye")
             server._c.generated()
             server._write_nowait()
             await trio.lowlevel.cancel_shielded_checkpoint()  # the reader may read it now
             scope.cancel()  # as a query taking the reading over does
             await done.wait()
             with trio.move_on_after(0.5):
-                while server._proto.close_rcvd is None and not server._eof:
+                while server._c.proto.close_rcvd is None and not server._eof:
                     await server._receive()
-            unanswered += server._proto.close_rcvd is None
+            unanswered += server._c.proto.close_rcvd is None
             await client.abort()
             await server.abort()
     assert unanswered == 0
