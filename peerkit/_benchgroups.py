@@ -460,8 +460,13 @@ async def _group_fanout(opts: Options, report: Report) -> None:
         report.raw["fanout"] = [vars(r) for r in results]
 
 
+#: the reference asker: the same peer with polling turned off (``Peer(busy_poll=0)``)
+_NOPOLL = "busy_poll=0"
+
+
 async def _group_query(opts: Options, report: Report) -> None:
-    """Query round trips through the broker, interleaved with echo round trips through the
+    """Query round trips through the broker, interleaved with the same queries from an asker
+    that does not poll (``busy_poll=0``, a reference) and with echo round trips through the
     bare relay (the baseline)."""
     async with _workers(opts) as w:
         broker = await w.spawn("broker", "broker")
@@ -470,13 +475,17 @@ async def _group_query(opts: Options, report: Report) -> None:
         relay_url = (await relay.expect("ready", 60))["url"]
         handler = await w.spawn("qhandler", "qhandler", url=url, peer_id="bench-handler")
         asker = await w.spawn("asker", "asker", url=url, peer_id="bench-asker")
+        sleeper = await w.spawn(
+            "asker_nopoll", "asker", url=url, peer_id="bench-asker-nopoll", busy_poll=0
+        )
         echo = await w.spawn("bare_echo", "bare_echo", url=relay_url)
         bare = await w.spawn("bare_asker", "bare_asker", url=relay_url)
-        for c in (handler, asker, echo, bare):
+        for c in (handler, asker, sleeper, echo, bare):
             await c.expect("ready", 60)
         warm = 200 if opts.quick else 1000
         counts = {}
-        for name, child in (("peerkit", asker), ("bare relay", bare)):
+        askers = (("peerkit", asker), (_NOPOLL, sleeper), ("bare relay", bare))
+        for name, child in askers:
             await child.send("query", run=_run_id(), count=warm, size=SMALL)
             res = await child.expect("result", 120)
             count = int(max(500, min(50_000, opts.seconds / (res["mean_ms"] / 1000.0))))
@@ -485,9 +494,9 @@ async def _group_query(opts: Options, report: Report) -> None:
                 f"{name} round trip: warm-up {warm} queries, mean {res['mean_ms']:.3f} ms; "
                 f"{opts.runs} run(s) of {counts[name]:,}"
             )
-        results: dict[str, list[dict[str, Any]]] = {"peerkit": [], "bare relay": []}
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in askers}
         for i in range(opts.runs):
-            for name, child in (("peerkit", asker), ("bare relay", bare)):
+            for name, child in askers:
                 await child.send("query", run=_run_id(), count=counts[name], size=SMALL)
                 res = await child.expect("result", 600)
                 results[name].append(res)
@@ -513,15 +522,27 @@ async def _group_query(opts: Options, report: Report) -> None:
             target=("<=", TARGET_QUERY_P99_MS),
             digits=3,
         )
-        report.figures["bare_rtt"] = Figure(
-            f"round trip, bare relay (echo), {SMALL} B: median",
-            "ms",
-            [r["median_ms"] for r in base],
-            digits=3,
-            note=f"p99 {statistics.median(r['p99_ms'] for r in base):.3f} ms; reference",
+        nopoll = results[_NOPOLL]
+        report.figures["query_nopoll"] = _reference_rtt(
+            f"query round trip, asker not polling ({_NOPOLL})", nopoll
+        )
+        report.figures["bare_rtt"] = _reference_rtt(
+            f"round trip, bare relay (echo), {SMALL} B", base
         )
         report.raw["query"] = ours
         report.raw["bare_rtt"] = base
+        report.raw["query_nopoll"] = nopoll
+
+
+def _reference_rtt(label: str, runs: list[dict[str, Any]]) -> Figure:
+    """A round trip's median over ``runs``, shown beside the targets as a reference."""
+    return Figure(
+        label + ": median",
+        "ms",
+        [r["median_ms"] for r in runs],
+        digits=3,
+        note=f"p99 {statistics.median(r['p99_ms'] for r in runs):.3f} ms; reference",
+    )
 
 
 async def _crowd_run(opts: Options, n: int) -> dict[str, Any]:

@@ -312,7 +312,8 @@ async def _asker_loop(ctl: _Control, ask: Callable[[bytes], Awaitable[bytes]]) -
 
 
 async def _w_asker(cfg: dict[str, Any], ctl: _Control) -> None:
-    async with Peer(cfg["url"], cfg["peer_id"]) as peer:
+    options = {"busy_poll": cfg["busy_poll"]} if "busy_poll" in cfg else {}
+    async with Peer(cfg["url"], cfg["peer_id"], **options) as peer:
 
         async def ask(payload: bytes) -> bytes:
             reply = await peer.query(BenchQuery(payload=payload))

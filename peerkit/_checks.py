@@ -24,6 +24,18 @@ def check_seconds(name: str, value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
+def check_seconds_or_zero(name: str, value: object) -> float:
+    """``value`` as float if it is zero or a positive number of seconds, else a
+    :class:`PeerkitError` naming ``name``."""
+    if value == 0 and isinstance(value, int | float) and not isinstance(value, bool):
+        return 0.0
+    if not is_positive_seconds(value):
+        raise PeerkitError(
+            f"{name} must be a number of seconds, 0 or more (0 turns it off), got {value!r}"
+        )
+    return float(value)  # type: ignore[arg-type]
+
+
 def check_positive_int(name: str, value: object) -> int:
     """``value`` if it is an int above zero (not a bool), else a :class:`PeerkitError`."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -75,6 +75,7 @@ class PeerBase(StateMachine):
     send_queue_size: int
     receive_queue_size: int
     max_concurrent_queries: int
+    busy_poll: float
     msgs_in: int
     msgs_out: int
     dropped_messages: int

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ssl
 import urllib.parse
 from collections.abc import Awaitable
+from time import perf_counter
 from typing import Any
 
 import trio
@@ -240,6 +241,10 @@ class PeerLink(PeerBase):
         skipped) and hands the reading back once its answer came, or it was cancelled, or
         the connection closed (the reader task then sees that). Only where a cancelled read
         leaves the connection intact (plain TCP): taking over cancels the reader's read.
+
+        For its first ``busy_poll`` seconds the wait polls the connection instead of
+        sleeping (cooperatively: see :func:`peerkit._ws._poll_pass`); a fast answer then
+        arrives without an idle CPU's wake-up in the way.
         """
         ws = self._ws
         if self._caller_reads or ws is None or not ws.reads_survive_cancellation:
@@ -248,9 +253,10 @@ class PeerLink(PeerBase):
         self._caller_reads = True
         if self._read_scope is not None:
             self._read_scope.cancel()
+        poll_until = perf_counter() + self.busy_poll if self.busy_poll else 0.0
         try:
             while not pending.event.is_set():
-                frame = await ws.get_message()
+                frame = await ws.get_message(poll_until)
                 try:
                     self._on_frame(frame)
                 except Exception as exc:  # as in the reader task: the peer fails

@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
+from time import perf_counter
 from typing import Any
 
 import trio
@@ -48,6 +50,22 @@ __all__ = ["CloseReason", "ConnectionClosed", "ConnectionRejected", "HandshakeEr
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _OPEN, _CONNECTING = State.OPEN, State.CONNECTING
+_sched_yield: Callable[[], None] = getattr(os, "sched_yield", lambda: None)  # not on Windows
+
+
+async def _poll_pass() -> None:
+    """One pass of a poll: let the process's other runnable tasks run, and the others on
+    this CPU (``sched_yield``), then come back at once rather than sleep.
+
+    A task that waits for an answer due within a fraction of a millisecond can poll for it
+    instead of sleeping until the kernel reports it. Sleeping lets the CPU go idle, and on a
+    VM waking an idle CPU, and then trio's run loop on cold caches, costs tens of
+    microseconds per hop; a query's round trip crosses four of them. Polling is cooperative
+    (every pass is a trio checkpoint, so the process's other tasks and I/O carry on) and
+    the caller bounds it in time (``Peer(busy_poll=...)``).
+    """
+    _sched_yield()
+    await trio.lowlevel.checkpoint()
 
 
 class _ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -109,15 +127,20 @@ class WebSocket:
         return self._c.closed
 
     # ------------------------------------------------------------------ receiving
-    async def get_message(self) -> bytes | str:
-        """The next message; :class:`ConnectionClosed` once closed and drained."""
+    async def get_message(self, poll_until: float = 0.0) -> bytes | str:
+        """The next message; :class:`ConnectionClosed` once closed and drained.
+
+        ``poll_until`` (a :func:`time.perf_counter` time; plain TCP only): until then,
+        while nothing has arrived, poll the socket at every scheduling pass instead of
+        sleeping until the kernel reports data (see :func:`_poll_pass`).
+        """
         while not self._c.messages:
             if self._c.closed is not None:
                 raise ConnectionClosed(self._c.closed)
-            await self._receive()
+            await self._receive(poll_until)
         return self._c.messages.popleft()
 
-    async def _receive(self) -> None:
+    async def _receive(self, poll_until: float = 0.0) -> None:
         """Read once, let the protocol parse, and send what it asks for.
 
         If another task is reading, wait for its read instead (its result serves both).
@@ -127,15 +150,15 @@ class WebSocket:
             return
         self._reading = True
         try:
-            await self._receive_once()
+            await self._receive_once(poll_until)
         finally:
             self._reading = False
             if self._read_done:
                 self._read_done.unpark_all()
 
-    async def _receive_once(self) -> None:
+    async def _receive_once(self, poll_until: float) -> None:
         try:
-            data = await self._read()
+            data = await self._read(poll_until)
         except _STREAM_ERRORS as exc:
             self._lost(f"connection lost: {exc}")
             return
@@ -265,14 +288,14 @@ class WebSocket:
             await self.abort()
 
     # ----------------------------------------------------------------- the stream
-    async def _read(self) -> bytes | bytearray:
+    async def _read(self, poll_until: float = 0.0) -> bytes | bytearray:
         sock = self._sock
         if sock is None:
             return await self._stream.receive_some(RECEIVE_BUFFER)
         await trio.lowlevel.checkpoint_if_cancelled()
         # after a read that did not fill the buffer the socket is most likely drained: wait
-        # first rather than pay for a recv that fails
-        waited = self._drained
+        # first rather than pay for a recv that fails (unless polling: then try at once)
+        waited = self._drained and not poll_until
         if waited:
             await trio.lowlevel.wait_readable(sock)  # cancelled here: nothing was read
         while True:
@@ -280,7 +303,10 @@ class WebSocket:
                 data = sock.recv(RECEIVE_BUFFER)
                 break
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
+                if poll_until and perf_counter() < poll_until:
+                    await _poll_pass()  # cancelled here: nothing was read
+                else:
+                    await trio.lowlevel.wait_readable(sock)
                 waited = True
         self._drained = len(data) < RECEIVE_BUFFER
         if not waited:  # data was already there: still let the others run (not cancellable

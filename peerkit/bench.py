@@ -86,6 +86,7 @@ _ORDER = [
     "fanout_msgs",
     "query_median",
     "query_p99",
+    "query_nopoll",
     "lone",
     "bare_100_msgs",
     "bare_100_mbs",

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import trio
 
 from . import _ws, codec
-from ._checks import check_positive_int, check_seconds
+from ._checks import check_positive_int, check_seconds, check_seconds_or_zero
 from ._peer_base import Handler, _never_run, _Pending, _Sub, log
 from ._peer_messaging import PeerMessaging
 from ._util import OwnNursery, raise_single
@@ -87,7 +87,18 @@ class Peer(PeerMessaging, OwnNursery):
     (messages queued and not yet written), ``receive_queue_size`` (messages waiting for
     handlers; overflow drops and counts),
     ``max_concurrent_queries`` (async query handlers running at once; a plain-function
-    handler answers as its query arrives), ``is_essential``.
+    handler answers as its query arrives), ``busy_poll`` (how long a task waiting for an
+    answer, to a query or a request, polls the connection before it sleeps: 1 ms by
+    default, 0 turns polling off; see below), ``is_essential``.
+
+    Polling: a round trip through the broker wakes four sleeping processes in turn, and
+    where waking an idle CPU is slow (virtual machines above all) those wake-ups cost more
+    than the work. So a lone task that waits for its answer on a plain-TCP connection checks
+    the connection at every scheduling pass for up to ``busy_poll`` seconds before it
+    sleeps. The polling is cooperative (the peer's other tasks and I/O carry on, and other
+    processes on the same CPU get it first) and costs at most ``busy_poll`` of CPU per
+    answer; the benchmarks page gives what it saves. Set ``busy_poll=0`` where CPU matters
+    more than latency.
     """
 
     #: Whether the experiment stops when this peer panics (reported in ``PanickMsg``).
@@ -131,6 +142,7 @@ class Peer(PeerMessaging, OwnNursery):
         send_queue_size: int = 10_000,
         receive_queue_size: int = 10_000,
         max_concurrent_queries: int = 16,
+        busy_poll: float = 0.001,
         is_essential: bool | None = None,
     ) -> None:
         super().__init__()
@@ -171,6 +183,7 @@ class Peer(PeerMessaging, OwnNursery):
         self.send_queue_size = send_queue_size
         self.receive_queue_size = receive_queue_size
         self.max_concurrent_queries = max_concurrent_queries
+        self.busy_poll = check_seconds_or_zero("busy_poll", busy_poll)
         if is_essential is not None:
             self.is_essential = is_essential
 

@@ -1,0 +1,198 @@
+"""A lone caller waiting for its answer polls the connection for ``busy_poll`` seconds
+before it sleeps (``Peer(busy_poll=...)``).
+
+The polling must be cooperative (the process's other tasks, timers and I/O carry on), it
+must end when its time is up, a cancelled poll must read nothing and hand the reading
+back, and ``busy_poll=0`` must not poll at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import ssl
+from collections.abc import Iterator
+
+import pytest
+import trio
+import trio.testing
+
+import peerkit._peer_link
+import peerkit._ws
+from peerkit import Broker, Message, Peer, PeerkitError, QueryTimeout, message
+from peerkit.testing import wait_for_condition
+
+
+@message
+class PAsk(Message):
+    n: int
+
+
+@message
+class PAnswer(Message):
+    n: int
+
+
+@message
+class PTick(Message):
+    seq: int
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.CRITICAL, logger="peerkit")
+
+
+@pytest.fixture
+def passes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Counts the poll passes made (one item: the count)."""
+    count = [0]
+    real = peerkit._ws._poll_pass
+
+    async def counted() -> None:
+        count[0] += 1
+        await real()
+
+    monkeypatch.setattr(peerkit._ws, "_poll_pass", counted)
+    yield count
+
+
+async def test_the_process_runs_on_while_a_caller_polls(
+    broker: Broker, passes: list[int]
+) -> None:
+    """The handler lives in the same process as the asker, and answers after a timer: were
+    polling to hold the run loop, the answer could not come for a minute."""
+    with trio.fail_after(10):
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await trio.sleep(0.001)
+
+        async with (
+            Peer(broker.url, "h") as h,
+            Peer(broker.url, "asker", busy_poll=60.0) as asker,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def later(msg: PAsk) -> PAnswer:
+                await trio.sleep(0.05)
+                return PAnswer(n=msg.n)
+
+            await h.register_query_handler(PAsk, later)
+            nursery.start_soon(ticker)
+            before = ticks
+            start = trio.current_time()
+            assert await asker.query(PAsk(n=7)) == PAnswer(n=7, sender="h")
+            assert trio.current_time() - start < 5
+            assert passes[0] > 0  # it did poll
+            assert ticks - before >= 5  # and the timers of other tasks fired meanwhile
+            nursery.cancel_scope.cancel()
+
+
+async def test_polling_ends_after_busy_poll_and_the_caller_sleeps(
+    broker: Broker, passes: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a clock that moves 1 ms per reading, a 10 ms budget allows about ten passes;
+    then the caller must sleep, or the other tasks would never all be blocked. (The budget
+    starts at 1 ms and passes until it is reached, so nine of them.)"""
+    with trio.fail_after(10):
+        now = [0.0]
+
+        def fake_clock() -> float:
+            now[0] += 0.001
+            return now[0]
+
+        release = trio.Event()
+        async with Peer(broker.url, "h") as h, Peer(broker.url, "asker", busy_poll=0.01) as asker:
+
+            async def held(msg: PAsk) -> PAnswer:
+                await release.wait()
+                return PAnswer(n=msg.n)
+
+            await h.register_query_handler(PAsk, held)
+            await trio.testing.wait_all_tasks_blocked()  # the peers' own requests are done
+            passes[0] = 0
+            monkeypatch.setattr(peerkit._ws, "perf_counter", fake_clock)
+            monkeypatch.setattr(peerkit._peer_link, "perf_counter", fake_clock)
+            async with trio.open_nursery() as nursery:
+                answer: list[Message] = []
+
+                async def ask() -> None:
+                    answer.append(await asker.query(PAsk(n=3)))
+
+                nursery.start_soon(ask)
+                await wait_for_condition(lambda: passes[0] > 0)
+                await trio.testing.wait_all_tasks_blocked()  # the caller sleeps now
+                assert 1 <= passes[0] <= 9
+                release.set()
+            assert answer == [PAnswer(n=3, sender="h")]
+
+
+async def test_a_poll_cut_short_by_a_timeout_hands_the_reading_back(
+    broker: Broker, passes: list[int]
+) -> None:
+    with trio.fail_after(10):
+        got: list[int] = []
+        async with Peer(broker.url, "h") as h, Peer(broker.url, "asker", busy_poll=60.0) as asker:
+
+            async def answer(msg: PAsk) -> PAnswer:
+                if msg.n < 0:
+                    await trio.sleep_forever()
+                return PAnswer(n=msg.n)
+
+            await h.register_query_handler(PAsk, answer)
+            await asker.subscribe_for_all_msg_subtype(PTick, lambda m: got.append(m.seq))
+            with pytest.raises(QueryTimeout):
+                await asker.query(PAsk(n=-1), timeout=0.05)  # cancelled while it polls
+            assert passes[0] > 0
+            for i in range(20):  # the reader task reads again: nothing lost, in order
+                await h.send_message(PTick(seq=i))
+            await wait_for_condition(lambda: len(got) == 20)
+            assert got == list(range(20))
+            assert await asker.query(PAsk(n=5)) == PAnswer(n=5, sender="h")
+
+
+async def test_busy_poll_zero_does_not_poll(broker: Broker, passes: list[int]) -> None:
+    with trio.fail_after(10):
+        async with (
+            Peer(broker.url, "h", busy_poll=0) as h,
+            Peer(broker.url, "asker", busy_poll=0) as asker,
+        ):
+            await h.register_query_handler(PAsk, lambda m: PAnswer(n=m.n))
+            for i in range(50):
+                assert await asker.query(PAsk(n=i)) == PAnswer(n=i, sender="h")
+            assert passes[0] == 0
+
+
+async def test_over_tls_a_caller_does_not_poll(
+    nursery: trio.Nursery, tls: tuple[ssl.SSLContext, ssl.SSLContext], passes: list[int]
+) -> None:
+    """Over TLS the caller waits for the reader task (a cancelled TLS read may break the
+    stream), so there is nothing for it to poll."""
+    server_ctx, client_ctx = tls
+    with trio.fail_after(30):
+        broker = Broker(ssl_context=server_ctx)
+        await nursery.start(broker.run)
+        async with (
+            Peer(broker.url, "h", ssl_context=client_ctx) as h,
+            Peer(broker.url, "asker", ssl_context=client_ctx, busy_poll=60.0) as asker,
+        ):
+            await h.register_query_handler(PAsk, lambda m: PAnswer(n=m.n))
+            for i in range(20):
+                assert await asker.query(PAsk(n=i)) == PAnswer(n=i, sender="h")
+            assert passes[0] == 0
+        await broker.shutdown()
+
+
+@pytest.mark.parametrize("bad", [-0.001, -1, math.nan, math.inf, True, "1ms", None])
+def test_a_bad_busy_poll_is_refused_by_name(bad: object) -> None:
+    with pytest.raises(PeerkitError, match="busy_poll must be a number of seconds, 0 or more"):
+        Peer("ws://127.0.0.1:1", "p", busy_poll=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("good", [0, 0.0, 0.0005, 2])
+def test_busy_poll_accepts_zero_and_positive_seconds(good: float) -> None:
+    assert Peer("ws://127.0.0.1:1", "p", busy_poll=good).busy_poll == float(good)
