@@ -462,12 +462,16 @@ async def _group_fanout(opts: Options, report: Report) -> None:
 
 #: the reference asker: the same peer with polling turned off (``Peer(busy_poll=0)``)
 _NOPOLL = "busy_poll=0"
+#: the machine's floor for the same four hops (:mod:`peerkit._benchfloor`): the asker
+#: sleeps for its answer, or polls for up to 1 ms as a peer does
+_FLOOR, _FLOOR_POLL = "machine floor", "machine floor, polling"
 
 
 async def _group_query(opts: Options, report: Report) -> None:
     """Query round trips through the broker, interleaved with the same queries from an asker
-    that does not poll (``busy_poll=0``, a reference) and with echo round trips through the
-    bare relay (the baseline)."""
+    that does not poll (``busy_poll=0``, a reference), with echo round trips through the
+    bare relay (the baseline) and through a raw TCP relay (the machine's floor, sleeping and
+    polling)."""
     async with _workers(opts) as w:
         broker = await w.spawn("broker", "broker")
         relay = await w.spawn("relay", "relay")
@@ -480,11 +484,23 @@ async def _group_query(opts: Options, report: Report) -> None:
         )
         echo = await w.spawn("bare_echo", "bare_echo", url=relay_url)
         bare = await w.spawn("bare_asker", "bare_asker", url=relay_url)
-        for c in (handler, asker, sleeper, echo, bare):
+        tcp = await w.spawn("tcp_relay", "tcp_relay")
+        port = (await tcp.expect("ready", 60))["port"]
+        tcp_echo = await w.spawn("tcp_echo", "tcp_echo", port=port)
+        await tcp_echo.expect("ready", 60)  # before the askers: they need it to be there
+        floor_sleep = await w.spawn("tcp_asker", "tcp_asker", port=port)
+        floor_poll = await w.spawn("tcp_asker_poll", "tcp_asker", port=port, poll=0.001)
+        for c in (handler, asker, sleeper, echo, bare, floor_sleep, floor_poll):
             await c.expect("ready", 60)
         warm = 200 if opts.quick else 1000
         counts = {}
-        askers = (("peerkit", asker), (_NOPOLL, sleeper), ("bare relay", bare))
+        askers = (
+            ("peerkit", asker),
+            (_NOPOLL, sleeper),
+            ("bare relay", bare),
+            (_FLOOR, floor_sleep),
+            (_FLOOR_POLL, floor_poll),
+        )
         for name, child in askers:
             await child.send("query", run=_run_id(), count=warm, size=SMALL)
             res = await child.expect("result", 120)
@@ -529,6 +545,11 @@ async def _group_query(opts: Options, report: Report) -> None:
         report.figures["bare_rtt"] = _reference_rtt(
             f"round trip, bare relay (echo), {SMALL} B", base
         )
+        for key, name in (("floor_rtt", _FLOOR), ("floor_poll_rtt", _FLOOR_POLL)):
+            report.figures[key] = _reference_rtt(
+                f"round trip, {name} (raw TCP, trio, no WebSocket), {SMALL} B", results[name]
+            )
+            report.raw[key] = results[name]
         report.raw["query"] = ours
         report.raw["bare_rtt"] = base
         report.raw["query_nopoll"] = nopoll

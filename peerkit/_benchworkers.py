@@ -22,6 +22,7 @@ from typing import Any
 import trio
 import trio_websocket
 
+from ._benchfloor import FLOOR_ROLES
 from ._benchstats import (
     HEAD,
     SMALL,
@@ -410,6 +411,7 @@ _ROLES: dict[str, Callable[[dict[str, Any], _Control], Awaitable[None]]] = {
     "bare_echo": _w_bare_echo,
     "bare_asker": _w_bare_asker,
     "crowd": _w_crowd,
+    **FLOOR_ROLES,
 }
 
 

@@ -94,6 +94,8 @@ _ORDER = [
     "bare_8192_mbs",
     "bare_lone",
     "bare_rtt",
+    "floor_rtt",
+    "floor_poll_rtt",
     "ratio_100",
     "ratio_8192",
     "crowd_ready",

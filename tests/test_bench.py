@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import pytest
+import trio
 
 from peerkit import bench
 
@@ -74,3 +76,58 @@ def test_table_shows_targets_and_whether_they_are_met() -> None:
     assert "2.000" in lines[3] and "NO" in lines[3]
     # aligned: the unit column starts at the same place on every line
     assert lines[0].index("unit") == lines[2].index("msgs/s") == lines[3].index("ms ")
+
+
+class _StubControl:
+    """A bench worker's control, in-process: commands from a channel, events into a list."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.changed = trio.Event()
+        self._send, self._recv = trio.open_memory_channel[dict[str, Any]](10)
+
+    async def next(self) -> dict[str, Any]:
+        return await self._recv.receive()
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self.events.append({"event": event, **fields})
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def expect(self, event: str) -> dict[str, Any]:
+        while True:
+            for e in self.events:
+                if e["event"] == event:
+                    self.events.remove(e)
+                    return e
+            await self.changed.wait()
+
+    async def send(self, **cmd: Any) -> None:
+        await self._send.send(cmd)
+
+
+async def test_the_machine_floor_workers_make_round_trips_for_askers_taking_turns() -> None:
+    """The raw-TCP floor (relay, echoer, a sleeping and a polling asker, run in one process
+    here) answers every asker with its own bytes, intact."""
+    from peerkit._benchfloor import FLOOR_ROLES
+
+    with trio.fail_after(20):
+        relay, echo, sleeper, poller = (_StubControl() for _ in range(4))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(FLOOR_ROLES["tcp_relay"], {}, relay)
+            port = (await relay.expect("ready"))["port"]
+            nursery.start_soon(FLOOR_ROLES["tcp_echo"], {"port": port}, echo)
+            await echo.expect("ready")
+            nursery.start_soon(FLOOR_ROLES["tcp_asker"], {"port": port}, sleeper)
+            nursery.start_soon(FLOOR_ROLES["tcp_asker"], {"port": port, "poll": 0.001}, poller)
+            for ctl in (sleeper, poller):
+                await ctl.expect("ready")
+            for turn in range(4):
+                for ctl in (sleeper, poller):
+                    # the asker checks each reply against its payload (or raises)
+                    await ctl.send(cmd="query", run=turn + 1, count=50, size=100)
+                    result = await ctl.expect("result")
+                    assert result["count"] == 50
+                    assert 0 < result["median_ms"] <= result["max_ms"]
+            for ctl in (relay, echo, sleeper, poller):
+                await ctl.send(cmd="quit")
