@@ -10,6 +10,7 @@ from time import perf_counter
 from typing import Any
 
 import trio
+from trio.testing import MockClock
 
 from . import _ws, codec
 from ._peer_base import (
@@ -243,8 +244,9 @@ class PeerLink(PeerBase):
         leaves the connection intact (plain TCP): taking over cancels the reader's read.
 
         For its first ``busy_poll`` seconds the wait polls the connection instead of
-        sleeping (cooperatively: see :func:`peerkit._ws._poll_pass`); a fast answer then
-        arrives without an idle CPU's wake-up in the way.
+        sleeping (cooperatively: see :func:`peerkit._ws._poll_pass`), so that a fast answer
+        arrives without an idle CPU's wake-up in the way; not while the process has other
+        tasks to run, nor under a :class:`trio.testing.MockClock`.
         """
         ws = self._ws
         if self._caller_reads or ws is None or not ws.reads_survive_cancellation:
@@ -253,7 +255,11 @@ class PeerLink(PeerBase):
         self._caller_reads = True
         if self._read_scope is not None:
             self._read_scope.cancel()
-        poll_until = perf_counter() + self.busy_poll if self.busy_poll else 0.0
+        poll_until = (
+            perf_counter() + self.busy_poll
+            if self.busy_poll and not isinstance(trio.lowlevel.current_clock(), MockClock)
+            else 0.0  # (under a mock clock, time would stand still while it polls)
+        )
         try:
             while not pending.event.is_set():
                 frame = await ws.get_message(poll_until)

@@ -119,6 +119,8 @@ class WebSocket:
         self._send_lock = trio.StrictFIFOLock()
         self._reading = False
         self._drained = False  # the last read left the socket empty
+        self._poll_started = 0.0  # the poll (its end) whose first pass was made
+        self._poll_dropped = 0.0  # the poll given up because other tasks had work
         self._read_done = trio.lowlevel.ParkingLot()
 
     @property
@@ -293,9 +295,12 @@ class WebSocket:
         if sock is None:
             return await self._stream.receive_some(RECEIVE_BUFFER)
         await trio.lowlevel.checkpoint_if_cancelled()
+        polling = (
+            poll_until > 0.0 and poll_until != self._poll_dropped and perf_counter() < poll_until
+        )
         # after a read that did not fill the buffer the socket is most likely drained: wait
         # first rather than pay for a recv that fails (unless polling: then try at once)
-        waited = self._drained and not poll_until
+        waited = self._drained and not polling
         if waited:
             await trio.lowlevel.wait_readable(sock)  # cancelled here: nothing was read
         while True:
@@ -303,7 +308,7 @@ class WebSocket:
                 data = sock.recv(RECEIVE_BUFFER)
                 break
             except BlockingIOError:
-                if poll_until and perf_counter() < poll_until:
+                if polling and self._poll_on(poll_until):
                     await _poll_pass()  # cancelled here: nothing was read
                 else:
                     await trio.lowlevel.wait_readable(sock)
@@ -312,6 +317,24 @@ class WebSocket:
         if not waited:  # data was already there: still let the others run (not cancellable
             await trio.lowlevel.cancel_shielded_checkpoint()  # now: the data is taken)
         return data
+
+    def _poll_on(self, poll_until: float) -> bool:
+        """Whether a read polling until ``poll_until`` makes another pass.
+
+        Not once the time is up, and not while the process has other tasks to run: its CPU
+        does not go idle then, so there is no wake-up to save, and the passes would only
+        slow those tasks down (the first pass of a wait is always made: the task whose
+        reading this caller took over is still to settle).
+        """
+        if perf_counter() >= poll_until:
+            return False
+        if self._poll_started != poll_until:
+            self._poll_started = poll_until
+            return True
+        if trio.lowlevel.current_statistics().tasks_runnable:
+            self._poll_dropped = poll_until  # for the rest of this wait
+            return False
+        return True
 
     async def _write(self, data: bytes) -> None:
         sock = self._sock

@@ -72,6 +72,10 @@ def query_handler(msg_type: type[Message], *, policy: str = "exclusive") -> Call
     return deco
 
 
+#: The longest ``busy_poll`` a peer accepts: polling longer costs more CPU than a wake-up.
+MAX_BUSY_POLL = 0.1
+
+
 class Peer(PeerMessaging, OwnNursery):
     """A peer: one trio nursery, a strict lifecycle and typed messaging through a broker.
 
@@ -89,16 +93,23 @@ class Peer(PeerMessaging, OwnNursery):
     ``max_concurrent_queries`` (async query handlers running at once; a plain-function
     handler answers as its query arrives), ``busy_poll`` (how long a task waiting for an
     answer, to a query or a request, polls the connection before it sleeps: 1 ms by
-    default, 0 turns polling off; see below), ``is_essential``.
+    default, at most 0.1 s, 0 turns polling off; see below), ``is_essential``.
 
     Polling: a round trip through the broker wakes four sleeping processes in turn, and
     where waking an idle CPU is slow (virtual machines above all) those wake-ups cost more
     than the work. So a lone task that waits for its answer on a plain-TCP connection checks
     the connection at every scheduling pass for up to ``busy_poll`` seconds before it
-    sleeps. The polling is cooperative (the peer's other tasks and I/O carry on, and other
-    processes on the same CPU get it first) and costs at most ``busy_poll`` of CPU per
-    answer; the benchmarks page gives what it saves. Set ``busy_poll=0`` where CPU matters
-    more than latency.
+    sleeps. Each pass is a trio checkpoint (the peer's other tasks, timers and I/O carry on)
+    after a ``sched_yield``; polling stops as soon as the process has other tasks to run
+    (its CPU is not going idle then), and it is off under a :class:`trio.testing.MockClock`
+    (virtual time could not advance). The benchmarks page gives what it saves.
+
+    What it costs: up to ``busy_poll`` of CPU per answer awaited, spent for nothing when
+    answers take longer than that. On a machine whose CPUs are all busy with other programs
+    it can make round trips slower rather than faster (``sched_yield`` is only a hint to
+    Linux, which tends to favour a process that has just woken up over one that keeps
+    yielding). Set ``busy_poll=0`` where CPU matters more than latency, on a loaded machine,
+    or when the answers you wait for take about a millisecond or more.
     """
 
     #: Whether the experiment stops when this peer panics (reported in ``PanickMsg``).
@@ -184,6 +195,11 @@ class Peer(PeerMessaging, OwnNursery):
         self.receive_queue_size = receive_queue_size
         self.max_concurrent_queries = max_concurrent_queries
         self.busy_poll = check_seconds_or_zero("busy_poll", busy_poll)
+        if self.busy_poll > MAX_BUSY_POLL:
+            raise PeerkitError(
+                f"busy_poll must be at most {MAX_BUSY_POLL} s (it is CPU spent on each "
+                f"answer awaited; 0.001 is the default), got {busy_poll!r}"
+            )
         if is_essential is not None:
             self.is_essential = is_essential
 
