@@ -12,6 +12,8 @@ import logging
 import math
 import random
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -302,3 +304,12 @@ def test_a_busy_poll_over_a_tenth_of_a_second_is_refused(too_long: float) -> Non
 @pytest.mark.parametrize("good", [0, 0.0, 0.0005, 0.1])
 def test_busy_poll_accepts_zero_and_positive_seconds(good: float) -> None:
     assert Peer("ws://127.0.0.1:1", "p", busy_poll=good).busy_poll == float(good)
+
+
+def test_importing_peerkit_does_not_import_trio_testing() -> None:
+    """The mock-clock check must not import trio.testing (which imports pytest where it is
+    installed: a tenth of a second at the start of every peer process)."""
+    code = "import sys, peerkit; print(sorted({'trio.testing', 'pytest'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
