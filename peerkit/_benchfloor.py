@@ -36,26 +36,17 @@ _ASKER, _ECHOER = b"A", b"E"
 _CHUNK = 65536
 
 
-async def _recv(sock: socket.socket, poll_until: float = 0.0) -> bytes:
-    """What the socket has (b"" at its end): sleep until it reports data, or poll until
-    ``poll_until`` (a perf_counter time) first."""
+async def _recv(sock: socket.socket, poll_until: float = 0.0, size: int = _CHUNK) -> bytes:
+    """What the socket has, up to ``size`` bytes (b"" at its end): sleep until it reports
+    data, or poll until ``poll_until`` (a perf_counter time) first."""
     while True:
         try:
-            return sock.recv(_CHUNK)
+            return sock.recv(size)
         except BlockingIOError:
             if poll_until and perf_counter() < poll_until:
                 await _poll_pass()
             else:
                 await trio.lowlevel.wait_readable(sock)
-
-
-async def _role(sock: socket.socket) -> bytes:
-    """The first byte a new connection sends: who it is."""
-    while True:
-        try:
-            return sock.recv(1)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
 
 
 async def _send_all(sock: socket.socket, data: bytes) -> None:
@@ -106,7 +97,7 @@ async def _relay(owned: contextlib.ExitStack, ctl: _Control) -> None:
                     sock = _nonblocking(owned.enter_context(listener.accept()[0]))
                 except BlockingIOError:
                     continue
-                if await _role(sock) == _ECHOER:
+                if await _recv(sock, size=1) == _ECHOER:  # its first byte: who it is
                     echoer.append(sock)
                     asked.set()
                     nursery.start_soon(from_echoer, sock)
