@@ -460,18 +460,9 @@ async def _group_fanout(opts: Options, report: Report) -> None:
         report.raw["fanout"] = [vars(r) for r in results]
 
 
-#: the reference asker: the same peer with polling turned off (``Peer(busy_poll=0)``)
-_NOPOLL = "busy_poll=0"
-#: the machine's floor for the same four hops (:mod:`peerkit._benchfloor`): the asker
-#: sleeps for its answer, or polls for up to 1 ms as a peer does
-_FLOOR, _FLOOR_POLL = "machine floor", "machine floor, polling"
-
-
 async def _group_query(opts: Options, report: Report) -> None:
-    """Query round trips through the broker, interleaved with the same queries from an asker
-    that does not poll (``busy_poll=0``, a reference), with echo round trips through the
-    bare relay (the baseline) and through a raw TCP relay (the machine's floor, sleeping and
-    polling)."""
+    """Query round trips through the broker, interleaved with echo round trips through the
+    bare trio-websocket relay (the baseline: the transport's own floor)."""
     async with _workers(opts) as w:
         broker = await w.spawn("broker", "broker")
         relay = await w.spawn("relay", "relay")
@@ -479,28 +470,13 @@ async def _group_query(opts: Options, report: Report) -> None:
         relay_url = (await relay.expect("ready", 60))["url"]
         handler = await w.spawn("qhandler", "qhandler", url=url, peer_id="bench-handler")
         asker = await w.spawn("asker", "asker", url=url, peer_id="bench-asker")
-        sleeper = await w.spawn(
-            "asker_nopoll", "asker", url=url, peer_id="bench-asker-nopoll", busy_poll=0
-        )
         echo = await w.spawn("bare_echo", "bare_echo", url=relay_url)
         bare = await w.spawn("bare_asker", "bare_asker", url=relay_url)
-        tcp = await w.spawn("tcp_relay", "tcp_relay")
-        port = (await tcp.expect("ready", 60))["port"]
-        tcp_echo = await w.spawn("tcp_echo", "tcp_echo", port=port)
-        await tcp_echo.expect("ready", 60)  # before the askers: they need it to be there
-        floor_sleep = await w.spawn("tcp_asker", "tcp_asker", port=port)
-        floor_poll = await w.spawn("tcp_asker_poll", "tcp_asker", port=port, poll=0.001)
-        for c in (handler, asker, sleeper, echo, bare, floor_sleep, floor_poll):
+        for c in (handler, asker, echo, bare):
             await c.expect("ready", 60)
         warm = 200 if opts.quick else 1000
         counts = {}
-        askers = (
-            ("peerkit", asker),
-            (_NOPOLL, sleeper),
-            ("bare relay", bare),
-            (_FLOOR, floor_sleep),
-            (_FLOOR_POLL, floor_poll),
-        )
+        askers = (("peerkit", asker), ("bare relay", bare))
         for name, child in askers:
             await child.send("query", run=_run_id(), count=warm, size=SMALL)
             res = await child.expect("result", 120)
@@ -538,21 +514,18 @@ async def _group_query(opts: Options, report: Report) -> None:
             target=("<=", TARGET_QUERY_P99_MS),
             digits=3,
         )
-        nopoll = results[_NOPOLL]
-        report.figures["query_nopoll"] = _reference_rtt(
-            f"query round trip, asker not polling ({_NOPOLL})", nopoll
-        )
         report.figures["bare_rtt"] = _reference_rtt(
             f"round trip, bare relay (echo), {SMALL} B", base
         )
-        for key, name in (("floor_rtt", _FLOOR), ("floor_poll_rtt", _FLOOR_POLL)):
-            report.figures[key] = _reference_rtt(
-                f"round trip, {name} (raw TCP, trio, no WebSocket), {SMALL} B", results[name]
-            )
-            report.raw[key] = results[name]
+        report.figures["bare_rtt_p99"] = Figure(
+            f"round trip, bare relay (echo), {SMALL} B: p99",
+            "ms",
+            [r["p99_ms"] for r in base],
+            digits=3,
+            note="reference: the query's p99 target is twice this",
+        )
         report.raw["query"] = ours
         report.raw["bare_rtt"] = base
-        report.raw["query_nopoll"] = nopoll
 
 
 def _reference_rtt(label: str, runs: list[dict[str, Any]]) -> Figure:
