@@ -254,14 +254,15 @@ class Link:
                 await trio.sleep(delay)
             delay = min(delay * 2, 1.0)
         try:
-            async with trio.open_nursery() as nursery:  # trio-websocket's reader task
-                await self._connected(nursery, stream, deadline, task_status)
-                # closed cleanly: trio-websocket's reader ends when the broker closes TCP
-                # after the closing handshake (cancelling it earlier could cut the handshake)
-                nursery.cancel_scope.deadline = trio.current_time() + self.grace_period
-        except BaseExceptionGroup as group:
-            raise_single(group)
-            raise
+            try:
+                async with trio.open_nursery() as nursery:  # trio-websocket's reader task
+                    await self._connected(nursery, stream, deadline, task_status)
+                    # closed cleanly: trio-websocket's reader ends when the broker closes
+                    # TCP after the closing handshake (cancelling it could cut the handshake)
+                    nursery.cancel_scope.deadline = trio.current_time() + self.grace_period
+            except BaseExceptionGroup as group:
+                raise_single(group)
+                raise
         except trio_websocket.ConnectionRejected as exc:
             raise BrokerConnectError(
                 f"the server at {self.url} refused the WebSocket connection "

@@ -185,7 +185,6 @@ def machine_info() -> dict[str, Any]:
         "executable": sys.executable,
         "trio": version("trio"),
         "trio-websocket": version("trio-websocket"),
-        "websockets": version("websockets"),
         "wsproto": version("wsproto"),
         "msgpack": version("msgpack"),
         "cattrs": version("cattrs"),
@@ -285,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{info['platform']}"
     )
     print(
-        f"python:  {info['python']}; trio {info['trio']}, websockets {info['websockets']}, "
+        f"python:  {info['python']}; trio {info['trio']}, "
         f"trio-websocket {info['trio-websocket']} (wsproto {info['wsproto']}), "
         f"msgpack {info['msgpack']}, cattrs {info['cattrs']}; peerkit {info['peerkit']}"
     )
