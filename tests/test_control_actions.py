@@ -20,7 +20,7 @@ from peerkit.cli import main
 from peerkit.errors import RemoteError
 from peerkit.messages import OkMsg, PeerControlMessage
 from peerkit.states import CustomState
-from peerkit.testing import wait_for_condition
+from peerkit.testing import PeerFactory, wait_for_condition
 
 log = logging.getLogger("peerkit.peer")
 
@@ -165,13 +165,11 @@ async def test_custom_control_action_on_a_plain_peer_subclass(
 
 
 async def test_custom_action_by_query_and_by_publishing(
-    broker: Broker, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    peerkit_peer: PeerFactory, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(60):
-        amp = Amp(broker.url, "amp", autostart=False, autoshutdown=False)
-        boss = Peer(broker.url, "boss")
-        await nursery.start(amp.run)
-        await nursery.start(boss.run)
+        amp = await peerkit_peer(Amp, "amp", autostart=False, autoshutdown=False)
+        boss = await peerkit_peer(peer_id="boss")
         await amp.wait_for_state(lambda p: p.is_ready, 5)
 
         answer = await boss.ask_peer(
@@ -190,5 +188,3 @@ async def test_custom_action_by_query_and_by_publishing(
         await boss.send_message(PeerControlMessage(peer_id="amp", action="impedance_check"))
         await wait_for_condition(lambda: amp.checks == 3)
         assert amp.is_ready and amp.error is None
-        await amp.async_shutdown()
-        await boss.async_shutdown()
