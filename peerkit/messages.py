@@ -10,6 +10,12 @@ A message is a frozen, keyword-only attrs class registered under a wire type nam
 
 ``sender`` is stamped by the broker from the authenticated connection; a value given locally is
 never sent over the wire. ``subtype`` is the same as ``sender`` (OBCI's name).
+
+Mistakes show where they are made. Building a message checks each field against its annotation
+(``Sample(channel="3")`` raises :class:`MessageFieldError` naming the field, what it expects and
+what it got); the check is shallow to stay cheap (a ``list[float]`` field must be a list, its
+elements are checked by the receiver's decoder). Building an instance of a ``Message`` subclass
+that lacks ``@message`` says to decorate it.
 """
 
 from __future__ import annotations
