@@ -179,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send PeerControlMessage to one peer and print its answer.",
         allow_abbrev=False,
     )
-    p.add_argument("action", choices=CONTROL_ACTIONS, help="what the peer should do")
+    p.add_argument(
+        "action",
+        help=f"what the peer should do: {', '.join(CONTROL_ACTIONS)} or an action it defines",
+    )
     p.add_argument("peer_id", metavar="PEER_ID")
     _broker_option(p)
     p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="(default: 10)")
