@@ -30,7 +30,7 @@ from .errors import (
 from .messages import Message, message
 from .params import param
 from .peer import Peer, query_handler, subscribe
-from .states import PeerState
+from .states import CustomState, PeerState
 
 __version__ = "0.1.0"
 
@@ -41,6 +41,7 @@ __all__ = [
     "BrokerRequestError",
     "ConfigServer",
     "ConfiguredPeer",
+    "CustomState",
     "DecodeError",
     "DuplicatePeerId",
     "HandlerAlreadyRegistered",

@@ -19,6 +19,7 @@ import trio
 
 from . import codec
 from ._checks import check_seconds
+from ._handlers import check_handler
 from ._link import Link
 from .codec import Envelope, control, pack_envelope
 from .errors import (
@@ -177,8 +178,7 @@ class Queries:
     # ------------------------------------------------------------------ registering
     async def register(self, msg_type: type[Message], handler: Handler, policy: str) -> None:
         type_name = message_type_of(msg_type)
-        if not callable(handler):
-            raise PeerkitError(f"a query handler must be callable, got {handler!r}")
+        check_handler(handler, f"the query handler of {type_name!r}")
         if type_name in self._handlers:
             raise HandlerAlreadyRegistered(
                 "already_registered",

@@ -20,6 +20,7 @@ import attrs
 import trio
 
 from . import codec
+from ._handlers import check_handler
 from ._link import Link, Pending
 from .codec import Envelope, pack_envelope
 from .errors import BrokerRequestError, DecodeError, PeerkitError, UnknownMessageType
@@ -223,10 +224,9 @@ class Subscriptions:
         type_name = message_type_of(msg_type)
         if isinstance(target, trio.MemorySendChannel):
             sub = Sub(type_name, sender, channel=target)
-        elif callable(target):
-            sub = Sub(type_name, sender, handler=target)
         else:
-            raise PeerkitError(f"a handler must be callable, got {target!r}")
+            check_handler(target, f"subscribing to {type_name!r}")
+            sub = Sub(type_name, sender, handler=target)
         key = (type_name, sender)
         self._subs.setdefault(type_name, []).append(sub)
         self._refs[key] += 1

@@ -40,7 +40,7 @@ from .protocol import (
     PeerStateReport,
     RequestFailed,
 )
-from .states import PeerState, StateMachine
+from .states import PeerState, State, StateMachine
 
 __all__ = ["Peer", "query_handler", "subscribe"]
 
@@ -339,7 +339,7 @@ class Peer(StateMachine, OwnNursery):
         await self._connections_established()
 
     # ============================================================ lifecycle
-    def _state_changed(self, old: PeerState, new: PeerState) -> None:
+    def _state_changed(self, old: State, new: State) -> None:
         log.debug("peer %r: %s -> %s", self.peer_id, old, new)
         self._can_send = self.is_connected
         self._state_lot.unpark_all()
@@ -623,8 +623,10 @@ class Peer(StateMachine, OwnNursery):
             # answer first, then shut down (autoshutdown): the asker gets its OkMsg
             if await self._stop_only() and self.autoshutdown:
                 self._request_shutdown(f"stopped by {msg.sender!r} (autoshutdown)")
-        else:
+        elif msg.action == "close":
             self._request_shutdown(f"closed by {msg.sender!r}")
+        else:  # the asker gets what the hook raises, as a RemoteError
+            await self._control_action(msg.action)
         return OkMsg(detail=f"{self.peer_id} {msg.action}: {self.state}")
 
     async def _control_start(self) -> None:
@@ -642,6 +644,23 @@ class Peer(StateMachine, OwnNursery):
             await self.stop()
         elif action == "close":
             await self.async_shutdown()
+        else:  # published, so nobody to answer: a refused action must not kill the peer
+            try:
+                await self._control_action(action)
+            except PeerkitError as exc:
+                log.warning("peer %r: control action %r refused: %s", self.peer_id, action, exc)
+
+    async def _control_action(self, action: str) -> None:
+        """Called for a :class:`PeerControlMessage` action other than start, stop and close.
+
+        Override it to give a peer actions of its own (call ``super()`` for those it does not
+        know); what it raises reaches an asker (``peerkit ctl``) as a RemoteError, and the
+        peer answers once it returns.
+        """
+        raise PeerkitError(
+            f"peer {self.peer_id!r} has no control action {action!r}; it knows start, stop "
+            "and close, and its class can add more by overriding _control_action"
+        )
 
     # ====================================================== context manager
     def _end_of_block(self) -> None:

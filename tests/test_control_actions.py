@@ -1,10 +1,5 @@
-"""Control actions beyond start/stop/close, end to end with ``peerkit ctl``.
-
-Peer's own hook (``_control_action``) belongs in peer.py. Until it is there, ``ProposedPeer``
-below carries the exact code proposed for Peer, so the behaviour is tested now; the test
-marked xfail runs the same scenario on a plain Peer subclass and starts passing (failing the
-strict xfail) once Peer has the hook: then delete ``ProposedPeer`` and the marker.
-"""
+"""Control actions beyond start/stop/close, end to end with ``peerkit ctl``: any other
+action goes to the peer's ``_control_action`` hook."""
 
 from __future__ import annotations
 
@@ -15,7 +10,7 @@ from typing import Any
 import pytest
 import trio
 
-from peerkit import Broker, Message, Peer, PeerkitError, PeerState
+from peerkit import Broker, Peer, PeerState
 from peerkit.cli import main
 from peerkit.errors import RemoteError
 from peerkit.messages import OkMsg, PeerControlMessage
@@ -25,53 +20,6 @@ from peerkit.testing import PeerFactory, wait_for_condition
 log = logging.getLogger("peerkit.peer")
 
 IMPEDANCE_CHECK = CustomState("impedance_check", counts_as=PeerState.connected)
-
-
-class ProposedPeer(Peer):
-    """The code proposed for peer.py (``_on_control_query``, ``_control``,
-    ``_control_action``), verbatim apart from this class."""
-
-    async def _on_control_query(self, msg: PeerControlMessage) -> Message:
-        if msg.peer_id != self.peer_id:
-            raise PeerkitError(f"control message for {msg.peer_id!r} sent to {self.peer_id!r}")
-        log.info("peer %r: control action %r from %r", self.peer_id, msg.action, msg.sender)
-        if msg.action == "start":
-            await self._control_start()
-        elif msg.action == "stop":
-            # answer first, then shut down (autoshutdown): the asker gets its OkMsg
-            if await self._stop_only() and self.autoshutdown:
-                self._request_shutdown(f"stopped by {msg.sender!r} (autoshutdown)")
-        elif msg.action == "close":
-            self._request_shutdown(f"closed by {msg.sender!r}")
-        else:  # the asker gets what the hook raises, as a RemoteError
-            await self._control_action(msg.action)
-        return OkMsg(detail=f"{self.peer_id} {msg.action}: {self.state}")
-
-    async def _control(self, action: str) -> None:
-        log.info("peer %r: control action %r", self.peer_id, action)
-        if action == "start":
-            await self._control_start()
-        elif action == "stop":
-            await self.stop()
-        elif action == "close":
-            await self.async_shutdown()
-        else:  # published, so nobody to answer: a refused action must not kill the peer
-            try:
-                await self._control_action(action)
-            except PeerkitError as exc:
-                log.warning("peer %r: control action %r refused: %s", self.peer_id, action, exc)
-
-    async def _control_action(self, action: str) -> None:
-        """Called for a :class:`PeerControlMessage` action other than start, stop and close.
-
-        Override it to give a peer actions of its own (call ``super()`` for those it does not
-        know); what it raises reaches an asker (``peerkit ctl``) as a RemoteError, and the
-        peer answers once it returns.
-        """
-        raise PeerkitError(
-            f"peer {self.peer_id!r} has no control action {action!r}; it knows start, stop "
-            "and close, and its class can add more by overriding _control_action"
-        )
 
 
 class AmpMixin:
@@ -101,13 +49,7 @@ class AmpMixin:
         self._state = PeerState.ready
 
 
-class Amp(AmpMixin, ProposedPeer):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_amp()
-
-
-class PlainAmp(AmpMixin, Peer):
+class Amp(AmpMixin, Peer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._init_amp()
@@ -118,9 +60,7 @@ async def run_main(argv: Sequence[str]) -> int:
     return await trio.to_thread.run_sync(main, list(argv))
 
 
-async def _ctl_scenario(
-    broker: Broker, nursery: trio.Nursery, cls: type[Amp] | type[PlainAmp], capsys: Any
-) -> None:
+async def _ctl_scenario(broker: Broker, nursery: trio.Nursery, cls: type[Amp], capsys: Any) -> None:
     amp = cls(broker.url, "amp", autostart=False, autoshutdown=False)
     await nursery.start(amp.run)
     await amp.wait_for_state(lambda p: p.is_ready, 5)
@@ -150,18 +90,6 @@ async def test_custom_control_action_with_peerkit_ctl(
 ) -> None:
     with trio.fail_after(60):
         await _ctl_scenario(broker, nursery, Amp, capsys)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs Peer._control_action in peer.py (lead-owned): once it is there this passes; "
-    "then remove this marker and ProposedPeer",
-)
-async def test_custom_control_action_on_a_plain_peer_subclass(
-    broker: Broker, nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with trio.fail_after(60):
-        await _ctl_scenario(broker, nursery, PlainAmp, capsys)
 
 
 async def test_custom_action_by_query_and_by_publishing(
