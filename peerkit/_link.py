@@ -113,6 +113,7 @@ class Link:
     _out: collections.deque[Outgoing] = attrs.field(factory=collections.deque)
     _tail: Run | None = None  # the run at the end of _out, while it can grow
     _out_ready: trio.Event = attrs.field(factory=trio.Event)
+    _writing: int = 0  # tasks writing a WebSocket message right now
     _progress: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     _enqueued: int = 0  # items (envelopes, published messages) ever queued
     _sent: int = 0  # ... and ever written
@@ -177,6 +178,7 @@ class Link:
         self.push(pack_envelope(int(kind), type_name, "", corr, target, body))
         try:
             with trio.move_on_after(timeout):
+                await self._write_inline()
                 await pending.event.wait()
         finally:
             self._pending.pop(corr, None)
@@ -402,22 +404,46 @@ class Link:
 
     # ------------------------------------------------------------------ tasks
     async def _writer(self, ws: trio_websocket.WebSocketConnection) -> None:
-        out = self._out
-        limit = batch_limit(self.max_message_size)
         while True:
             await self._out_ready.wait()
             self._out_ready = trio.Event()
-            while out:
-                frame, count, published = take_frame(out, limit)
-                if not out:  # the tail run is packed: the next message starts another
-                    self._tail = None
-                try:
-                    await ws.send_message(frame)
-                except trio_websocket.ConnectionClosed:
+            while self._out:
+                if not await self._write_frame(ws):
                     return  # the reader reports why
-                self._sent += count
-                self.msgs_out += published
-                self._progress.unpark_all()
+
+    async def _write_frame(self, ws: trio_websocket.WebSocketConnection) -> bool:
+        """Take what is queued into one WebSocket message and write it; False when the
+        connection is closed. Several tasks may write (see :meth:`_write_inline`): what
+        one took from the queue is ahead of what the next takes, and trio-websocket's
+        send lock is first come, first served, so messages keep their order."""
+        frame, count, published = take_frame(self._out, batch_limit(self.max_message_size))
+        if not self._out:  # the tail run is packed: the next message starts another
+            self._tail = None
+        self._writing += 1
+        try:
+            await ws.send_message(frame)
+        except trio_websocket.ConnectionClosed:
+            return False
+        finally:
+            self._writing -= 1
+        self._sent += count
+        self.msgs_out += published
+        self._progress.unpark_all()
+        return True
+
+    async def _write_inline(self) -> None:
+        """Write what is queued from the calling task itself when no write is in progress
+        (a request, or the answers the reader just queued), instead of waking the writer
+        task: one task switch less per round trip. Shielded, as a cancelled write could cut
+        a message in two; it waits only while the broker does not read, which the
+        heartbeat ends (closing the connection fails the write)."""
+        ws = self._ws
+        if ws is None or not self.up or self._writing or not self._out:
+            return
+        with trio.CancelScope(shield=True):
+            await self._write_frame(ws)
+        if self._out:
+            self._out_ready.set()
 
     async def _reader(self, ws: trio_websocket.WebSocketConnection) -> None:
         handle = self.handle
@@ -445,6 +471,8 @@ class Link:
             except DecodeError as exc:
                 log.error("peer %r: bad frame from the broker: %s", self.peer_id, exc)
             self.frame_done()
+            if self._out and not self._writing:  # e.g. the answers to queries it brought
+                await self._write_inline()
 
     async def _heartbeat(self, welcome: Welcome) -> None:
         """Send a heartbeat when the peer said nothing for an interval; give the broker up
