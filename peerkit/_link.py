@@ -114,10 +114,11 @@ class Link:
     _tail: Run | None = None  # the run at the end of _out, while it can grow
     _out_ready: trio.Event = attrs.field(factory=trio.Event)
     _writing: int = 0  # tasks writing a WebSocket message right now
+    _in_frame: bool = False  # the reader is handling a frame (it writes what it queues)
     _progress: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     _enqueued: int = 0  # items (envelopes, published messages) ever queued
     _sent: int = 0  # ... and ever written
-    _heard: float = 0.0  # trio time of the last message from the broker
+    _frames_in: int = 0  # WebSocket messages received (the heartbeat task reads it)
     _next_corr: int = 1
     _pending: dict[int, Pending] = attrs.field(factory=dict)
 
@@ -128,11 +129,14 @@ class Link:
         return self._enqueued - self._sent
 
     def push(self, data: bytes) -> None:
-        """Queue a packed envelope; it goes out with the writer's next message."""
+        """Queue a packed envelope; it goes out with the writer's next message (or with the
+        reader's, when the reader is handling a frame: it writes what it queued at the
+        frame's end)."""
         self._enqueued += 1
         self._tail = None
         self._out.append(data)
-        self._out_ready.set()
+        if not self._in_frame:
+            self._out_ready.set()
 
     def publish(self, msg_type: str, body: bytes) -> None:
         """Queue one message to publish: it joins the run at the tail of the queue when
@@ -175,10 +179,12 @@ class Link:
         corr = self._next_corr
         self._next_corr += 1
         pending = self._pending[corr] = Pending()
-        self.push(pack_envelope(int(kind), type_name, "", corr, target, body))
+        self._enqueued += 1
+        self._tail = None
+        self._out.append(pack_envelope(int(kind), type_name, "", corr, target, body))
         try:
             with trio.move_on_after(timeout):
-                await self._write_inline()
+                await self._write_inline()  # (or wakes the writer)
                 await pending.event.wait()
         finally:
             self._pending.pop(corr, None)
@@ -339,7 +345,6 @@ class Link:
             welcome, rest = await self._hello(ws)
             self.welcome = welcome
             self.max_message_size = welcome.max_message_size
-            self._heard = trio.current_time()
             self.up = True
             for env in rest:
                 self.handle(env)
@@ -431,17 +436,21 @@ class Link:
         self._progress.unpark_all()
         return True
 
-    async def _write_inline(self) -> None:
+    async def _write_inline(self, *, shield: bool = True) -> None:
         """Write what is queued from the calling task itself when no write is in progress
         (a request, or the answers the reader just queued), instead of waking the writer
         task: one task switch less per round trip. Shielded, as a cancelled write could cut
         a message in two; it waits only while the broker does not read, which the
         heartbeat ends (closing the connection fails the write)."""
         ws = self._ws
-        if ws is None or not self.up or self._writing or not self._out:
+        if ws is None or not self.up or not self._out:
             return
-        with trio.CancelScope(shield=True):
-            await self._write_frame(ws)
+        if not self._writing:
+            if shield:
+                with trio.CancelScope(shield=True):
+                    await self._write_frame(ws)
+            else:
+                await self._write_frame(ws)
         if self._out:
             self._out_ready.set()
 
@@ -458,7 +467,8 @@ class Link:
                     f"the broker at {self.url} closed the connection of {self.peer_id!r} "
                     f"({_close_text(exc)})"
                 ) from None
-            self._heard = trio.current_time()
+            self._frames_in += 1
+            self._in_frame = True
             try:
                 for env in codec.iter_envelopes(frame):  # type: ignore[arg-type]
                     kind = env.kind
@@ -470,22 +480,31 @@ class Link:
                         handle(env)
             except DecodeError as exc:
                 log.error("peer %r: bad frame from the broker: %s", self.peer_id, exc)
+            finally:
+                self._in_frame = False
             self.frame_done()
-            if self._out and not self._writing:  # e.g. the answers to queries it brought
-                await self._write_inline()
+            if self._out:  # e.g. the answers to the queries it brought
+                await self._write_inline(shield=False)  # (or wakes the writer)
 
     async def _heartbeat(self, welcome: Welcome) -> None:
         """Send a heartbeat when the peer said nothing for an interval; give the broker up
-        when it said nothing for the heartbeat timeout."""
+        when it said nothing for the heartbeat timeout.
+
+        The reader only counts what arrives (no clock read per message); this task, which
+        wakes at least once an interval, notes when the count moved."""
         interval = welcome.heartbeat_interval
         timeout = welcome.heartbeat_timeout
         beat = pack_envelope(_HEARTBEAT)
         last = self._enqueued
-        next_beat = trio.current_time() + interval
+        heard = trio.current_time()
+        seen = self._frames_in
+        next_beat = heard + interval
         while True:
-            await trio.sleep_until(min(next_beat, self._heard + timeout))
+            await trio.sleep_until(min(next_beat, heard + timeout))
             now = trio.current_time()
-            if now - self._heard >= timeout:
+            if self._frames_in != seen:
+                seen, heard = self._frames_in, now
+            if now - heard >= timeout:
                 raise BrokerLostError(f"no word from the broker at {self.url} for {timeout:g} s")
             if now >= next_beat:
                 if self._enqueued == last:

@@ -444,6 +444,7 @@ class Broker(OwnNursery):
             await trio.sleep(self.heartbeat_interval)
             now = trio.current_time()
             for conn in list(self._conns.values()):
+                conn.note_activity(now)
                 if now - conn.last_seen >= self.heartbeat_timeout:
                     conn.kick(f"no heartbeat for {now - conn.last_seen:.1f} s")
                 elif not conn.out and now - conn.last_sent >= self.heartbeat_interval * 0.9:
