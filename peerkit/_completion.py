@@ -14,6 +14,7 @@ same ones every argparse completion tool relies on, stable since Python 3.2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 from collections.abc import Iterator
 
@@ -71,11 +72,13 @@ def _what(action: argparse.Action, metavars: tuple[str, ...]) -> tuple[str, tupl
 
 
 def _short_help(action: argparse.Action) -> str:
+    """The option's help, on one line, without its "(default: ...)"."""
     text = action.help or ""
     if text == argparse.SUPPRESS:
         return ""
-    text = re.sub(r"\s*\(default:[^)]*\)", "", text)  # holds %(default)s: not expanded here
-    text = text.replace("%%", "%")
+    with contextlib.suppress(KeyError, TypeError, ValueError):  # %(default)s, as argparse
+        text = text % {**vars(action), "prog": ""}
+    text = re.sub(r"\s*\(default:[^()]*\)", "", text)
     return " ".join(text.split())
 
 
