@@ -30,7 +30,7 @@ from .errors import (
 from .messages import Message, message
 from .params import param
 from .peer import Peer, query_handler, subscribe
-from .states import PeerState
+from .states import CustomState, PeerState
 
 #: The installed distribution's version (``importlib.metadata``), read on first use so that
 #: importing peerkit does not pay for the metadata lookup.
@@ -57,6 +57,7 @@ __all__ = [
     "BrokerRequestError",
     "ConfigServer",
     "ConfiguredPeer",
+    "CustomState",
     "DecodeError",
     "DuplicatePeerId",
     "HandlerAlreadyRegistered",

@@ -22,7 +22,6 @@ from typing import Any
 import trio
 import trio_websocket
 
-from ._benchfloor import FLOOR_ROLES
 from ._benchstats import (
     HEAD,
     SMALL,
@@ -313,8 +312,7 @@ async def _asker_loop(ctl: _Control, ask: Callable[[bytes], Awaitable[bytes]]) -
 
 
 async def _w_asker(cfg: dict[str, Any], ctl: _Control) -> None:
-    options = {"busy_poll": cfg["busy_poll"]} if "busy_poll" in cfg else {}
-    async with Peer(cfg["url"], cfg["peer_id"], **options) as peer:
+    async with Peer(cfg["url"], cfg["peer_id"]) as peer:
 
         async def ask(payload: bytes) -> bytes:
             reply = await peer.query(BenchQuery(payload=payload))
@@ -411,7 +409,6 @@ _ROLES: dict[str, Callable[[dict[str, Any], _Control], Awaitable[None]]] = {
     "bare_echo": _w_bare_echo,
     "bare_asker": _w_bare_asker,
     "crowd": _w_crowd,
-    **FLOOR_ROLES,
 }
 
 

@@ -3,8 +3,9 @@
 ``peerkit completion bash|zsh`` prints them. They are built by reading the parser (its
 subcommands, their options and how many values each takes, their choices), so a new option
 or subcommand is completed without anyone editing a script; no third-party completion
-package is needed. Values are completed from ``choices`` (``--log-level``, ``ctl``'s
-action...), as file names when the metavar names a file (``FILE``, ``JSON``) and as
+package is needed. Values are completed from ``choices`` (``--log-level``...) or from a
+``suggestions`` attribute the parser sets on an action that accepts other values too
+(``ctl``'s action), as file names when the metavar names a file (``FILE``, ``JSON``) and as
 directories for ``DIR``; other values (URLs, peer ids) get no suggestion.
 
 The readers use argparse's ``_actions`` and ``_SubParsersAction``: private names, but the
@@ -64,6 +65,9 @@ def _metavars(action: argparse.Action, count: int) -> tuple[str, ...]:
 def _what(action: argparse.Action, metavars: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
     if action.choices is not None:
         return "words", tuple(str(c) for c in action.choices)
+    suggested = getattr(action, "suggestions", None)  # values offered, others allowed too
+    if suggested:
+        return "words", tuple(str(c) for c in suggested)
     if metavars and metavars[-1] in _FILE_METAVARS:
         return "file", ()
     if metavars and metavars[-1] in _DIR_METAVARS:

@@ -3,7 +3,7 @@
 Every figure is measured with separate OS processes for the broker, the publisher(s) and
 the subscriber(s). The parent process only orchestrates: it starts the workers
 (``python -m peerkit.bench worker ROLE CONFIG``), talks to them with JSON lines over their
-stdin/stdout, reads their results and prints one table with the targets of issue 5 beside
+stdin/stdout, reads their results and prints one table with the targets beside
 each figure (the median of ``--runs`` runs).
 
 Throughput is measured at the subscriber, from the first to the last message received, for
@@ -40,10 +40,12 @@ import trio
 
 from ._benchgroups import (
     GROUPS,
-    TARGET_8K_MBS,
+    TARGET_FANOUT_OVER_BASELINE,
     TARGET_LONE_OVER_BARE_MS,
-    TARGET_P2P_MSGS,
+    TARGET_QUERY_OVER_BARE,
+    TARGET_QUERY_P99_OVER_BARE,
     TARGET_RATIO,
+    TARGET_RATIO_8K,
     BenchError,
     Options,
     Report,
@@ -84,9 +86,9 @@ _ORDER = [
     "p2p_8192_msgs",
     "p2p_8192_mbs",
     "fanout_msgs",
+    "fanout_baseline",
     "query_median",
     "query_p99",
-    "query_nopoll",
     "lone",
     "bare_100_msgs",
     "bare_100_mbs",
@@ -94,8 +96,7 @@ _ORDER = [
     "bare_8192_mbs",
     "bare_lone",
     "bare_rtt",
-    "floor_rtt",
-    "floor_poll_rtt",
+    "bare_rtt_p99",
     "ratio_100",
     "ratio_8192",
     "crowd_ready",
@@ -118,10 +119,24 @@ def _others_cpu(report: Report) -> float:
 
 def _finish_figures(report: Report) -> list[Figure]:
     f = report.figures
-    if "p2p_100_msgs" in f:
-        f["p2p_100_msgs"].target = (">=", TARGET_P2P_MSGS)
-    if "p2p_8192_mbs" in f:
-        f["p2p_8192_mbs"].target = (">=", TARGET_8K_MBS)
+    for key, ref_key, factor, what in (
+        ("query_median", "bare_rtt", TARGET_QUERY_OVER_BARE, "the bare relay's echo"),
+        ("query_p99", "bare_rtt_p99", TARGET_QUERY_P99_OVER_BARE, "the bare relay's p99"),
+    ):
+        fig, ref = f.get(key), f.get(ref_key)
+        if fig is not None and fig.value and ref is not None and ref.value:
+            fig.target = ("<=", factor * ref.value)
+            fig.note += (
+                f"{'; ' if fig.note else ''}{fig.value / ref.value:.2f}x {what} "
+                f"(target: at most {factor}x)"
+            )
+    fan, base = f.get("fanout_msgs"), f.get("fanout_baseline")
+    if fan is not None and fan.value and base is not None and base.value:
+        fan.target = (">=", TARGET_FANOUT_OVER_BASELINE * base.value)
+        fan.note += (
+            f"; {fan.value / base.value:.2f}x the baseline, interleaved "
+            f"(target: at least {TARGET_FANOUT_OVER_BASELINE}x)"
+        )
     if "lone" in f and "bare_lone" in f and f["lone"].value and f["bare_lone"].value:
         extra = f["lone"].value - f["bare_lone"].value
         # batching must add no delay: within a margin of the one-message-per-frame relay
@@ -141,7 +156,7 @@ def _finish_figures(report: Report) -> list[Figure]:
             runs,
             fixed=ours.value / bare.value,
             digits=1,
-            target=(">=", TARGET_RATIO) if size == SMALL else None,
+            target=(">=", TARGET_RATIO if size == SMALL else TARGET_RATIO_8K),
             note="ratio of the medians; runs: per-run ratios",
         )
     return [f[key] for key in _ORDER if key in f]
@@ -185,7 +200,6 @@ def machine_info() -> dict[str, Any]:
         "executable": sys.executable,
         "trio": version("trio"),
         "trio-websocket": version("trio-websocket"),
-        "websockets": version("websockets"),
         "wsproto": version("wsproto"),
         "msgpack": version("msgpack"),
         "cattrs": version("cattrs"),
@@ -199,7 +213,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m peerkit.bench",
         description=(
             "Measure peerkit's broker (separate processes for broker, publishers and "
-            "subscribers) against the targets of issue 5 and a bare trio-websocket relay."
+            "subscribers) against its targets and a bare trio-websocket relay (the transport's "
+            "own floor)."
         ),
         epilog=f"Groups: {', '.join(GROUPS)}. (`worker ROLE CONFIG` is the internal entry point "
         "of the processes the bench starts.)",
@@ -211,6 +226,12 @@ def _parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="a short smoke run: small counts, 100 peers"
     )
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
+    p.add_argument(
+        "--baseline",
+        metavar="TREE",
+        help="a checkout of an earlier peerkit (e.g. made with `git worktree add`): the "
+        "fan-out figure is measured with it too, interleaved, and compared",
+    )
     p.add_argument(
         "--seconds", type=float, default=None, help="approximate length of one run (default 2)"
     )
@@ -250,7 +271,17 @@ def _options(argv: Sequence[str]) -> Options:
     if peers < 1 or a.clients < 1:
         parser.error("--peers and --clients must be positive")
     seconds = a.seconds if a.seconds is not None else (0.3 if a.quick else 2.0)
-    return Options(runs, a.quick, seconds, peers, a.clients, a.child_timeout, only, a.json)
+    baseline = None
+    if a.baseline:
+        tree = Path(a.baseline).resolve()
+        if not (tree / "peerkit" / "bench.py").is_file():
+            parser.error(
+                f"--baseline {a.baseline}: no peerkit checkout there (no peerkit/bench.py)"
+            )
+        baseline = str(tree)
+    return Options(
+        runs, a.quick, seconds, peers, a.clients, a.child_timeout, only, a.json, baseline
+    )
 
 
 async def _bench(opts: Options) -> Report:
@@ -285,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{info['platform']}"
     )
     print(
-        f"python:  {info['python']}; trio {info['trio']}, websockets {info['websockets']}, "
+        f"python:  {info['python']}; trio {info['trio']}, "
         f"trio-websocket {info['trio-websocket']} (wsproto {info['wsproto']}), "
         f"msgpack {info['msgpack']}, cattrs {info['cattrs']}; peerkit {info['peerkit']}"
     )

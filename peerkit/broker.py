@@ -1,63 +1,56 @@
-"""The broker: a WebSocket server (:mod:`peerkit._ws`) that routes envelopes between peers.
+"""The broker: routes envelopes between peers over trio-websocket.
 
 It decodes only envelope headers and control bodies; published messages and query bodies are
-forwarded as opaque bytes, packed once however many subscribers receive them. Each connection
-has a bounded outgoing queue. At the end of each incoming frame the reader writes to the idle
-connections it gave something to what the kernel takes at once; the rest is drained by the
-connection's writer task, which batches everything queued into one WebSocket frame. The
-broker never waits for a slow peer: on overflow it drops published messages and tells the
-subscriber how many (or disconnects it, by option).
+forwarded as opaque bytes, packed once however many subscribers receive them. The broker
+holds one :class:`~peerkit._connection.Connection` per peer (its trio-websocket connection,
+bounded outgoing queue, reader and writer), a :class:`~peerkit._dispatch.Dispatcher` that
+decides where each envelope goes, and its :class:`~peerkit.routing.RoutingTable`. It never
+waits for a slow peer: on overflow it drops published messages and tells the subscriber how
+many (or disconnects it, by option).
+
+It serves on its own port (``trio_websocket.serve_websocket``), or, with ``listen=False``,
+is *mounted* on an application's trio-websocket server: the application hands it the
+requests it chooses with :meth:`Broker.handle_request`.
 """
 
 from __future__ import annotations
 
-import hmac
-import math
+import functools
 import ssl
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import trio
+import trio_websocket
 
-from . import _ws, codec
-from ._broker_conn import (
-    _MAX_ID_LEN,
-    _PANICK_TYPE,
-    _PEER_LEFT_TYPE,
-    _RESERVED_IDS,
-    BROKER_ID,
-    Changes,
-    _check_bind,
-    _Conn,
-    log,
-)
-from ._broker_dispatch import BrokerDispatch
+from . import codec
+from ._admission import BROKER_ID, admit, check_bind
+from ._batching import MESSAGE_QUEUE, RECEIVE_BUFFER, batch_limit, ws_max_frame
 from ._checks import check_positive_int, check_seconds
+from ._connection import Connection, log
+from ._dispatch import Dispatcher
 from ._util import OwnNursery, raise_single
-from ._wsconf import batch_limit, take_counted, ws_max_frame
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, control, pack_envelope
-from .errors import (
-    DecodeError,
-    PeerkitError,
-)
-from .messages import BrokerShutdownMsg, MessagesDropped, PanickMsg, PeerLeft
+from .errors import DecodeError, PeerkitError
+from .messages import BrokerShutdownMsg, PanickMsg, PeerLeft
 from .protocol import (
-    PROTOCOL_VERSION,
     BrokerInfo,
     Hello,
     Kind,
     PeerInfo,
     QueryFailed,
     Reject,
-    RequestFailed,
     Welcome,
 )
 from .routing import RoutingTable
 
+_PANICK_TYPE = PanickMsg.message_type()
+_PEER_LEFT_TYPE = PeerLeft.message_type()
+
 __all__ = ["BROKER_ID", "Broker"]
 
 
-class Broker(BrokerDispatch, OwnNursery):
+class Broker(OwnNursery):
     """Routes typed messages and queries between peers over WebSocket.
 
     ``await nursery.start(broker.run)`` returns once the broker listens; ``broker.url`` is
@@ -81,6 +74,9 @@ class Broker(BrokerDispatch, OwnNursery):
     * ``overflow``: ``"drop"`` (default: drop and tell the subscriber how many) or
       ``"disconnect"`` (close a subscriber that cannot keep up).
     * ``grace_period``: seconds a clean shutdown waits for peers to say goodbye.
+    * ``listen``: ``True`` (default) serves on ``host:port``; ``False`` opens no port:
+      the broker is mounted on an application's trio-websocket server, which hands it
+      requests with :meth:`handle_request` (see "Embedding peerkit in a trio application").
     """
 
     def __init__(
@@ -98,8 +94,9 @@ class Broker(BrokerDispatch, OwnNursery):
         send_queue_size: int = 10_000,
         overflow: Literal["drop", "disconnect"] = "drop",
         grace_period: float = 2.0,
+        listen: bool = True,
     ) -> None:
-        _check_bind(host, token)
+        check_bind(host, token)
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise PeerkitError(f"port must be an integer in 0..65535, got {port!r}")
         if overflow not in ("drop", "disconnect"):
@@ -135,10 +132,16 @@ class Broker(BrokerDispatch, OwnNursery):
         self.overflow = overflow
         self.grace_period = float(grace_period)
 
+        self.listen = bool(listen)
+
         self.routing = RoutingTable()
-        self._conns: dict[str, _Conn] = {}
-        self._changes = Changes()  # connections given something to send by a frame
+        self._conns: dict[str, Connection] = {}
+        self._dispatcher = Dispatcher(
+            self.routing, self._conns, self.info, max_message_size, send_queue_size, overflow
+        )
         self._batch_limit = batch_limit(max_message_size)
+        self._handlers: set[trio.CancelScope] = set()  # every connection being served
+        self._running = False  # run() has started and the broker takes connections
         self._started = False
         self._listening = False
         self._shutting_down = False
@@ -153,6 +156,11 @@ class Broker(BrokerDispatch, OwnNursery):
     @property
     def port(self) -> int:
         """The bound port (after the broker started listening)."""
+        if not self.listen:
+            raise PeerkitError(
+                "a mounted broker (listen=False) has no port of its own: peers connect to "
+                "the application's server, at the path it hands to handle_request()"
+            )
         if not self._listening:
             raise PeerkitError("the broker is not listening yet; start it with nursery.start")
         return self._port
@@ -198,29 +206,65 @@ class Broker(BrokerDispatch, OwnNursery):
             raise_single(group)
             raise
         finally:
+            self._running = False
             self._listening = False
+            for scope in self._handlers:
+                scope.cancel(reason="broker shut down")
             self._finished.set()
 
     async def _serve_until_shutdown(self, task_status: trio.TaskStatus[Broker]) -> None:
-        if True:
-            async with trio.open_nursery() as nursery:
-                self._port = await nursery.start(
-                    _ws.serve,
-                    self._handle_connection,
+        async with trio.open_nursery() as nursery:
+            if self.listen:
+                serve = functools.partial(
+                    trio_websocket.serve_websocket,
+                    self._serve_request,
                     self.host,
                     self._port,
                     self.ssl_context,
-                    ws_max_frame(self.max_message_size),
-                    self.handshake_timeout,
-                    self.grace_period,
+                    **self.websocket_options(),
                 )
+                server: trio_websocket.WebSocketServer = await nursery.start(serve)
+                self._port = server.port
                 self._listening = True
-                nursery.start_soon(self._monitor)
                 log.info("broker listening on %s", self.url)
-                task_status.started(self)
-                await self._shutdown_requested.wait()
-                await self._shutdown_peers()
-                nursery.cancel_scope.cancel(reason="broker shut down")
+            self._running = True
+            nursery.start_soon(self._monitor)
+            task_status.started(self)
+            await self._shutdown_requested.wait()
+            await self._shutdown_peers()
+            nursery.cancel_scope.cancel(reason="broker shut down")
+
+    async def handle_request(self, request: trio_websocket.WebSocketRequest) -> None:
+        """Serve one WebSocket request that an application's trio-websocket server
+        received: accept it and route its peer's envelopes until the peer leaves.
+
+        For a broker mounted on an application's server (``Broker(listen=False)``, though a
+        listening broker takes requests this way too). Call it from the application's
+        request handler (it returns when the connection ends); the broker must be running
+        (``await nursery.start(broker.run)``): before that, and after it shut down, the
+        request is rejected (HTTP 503) and :class:`PeerkitError` is raised.
+        """
+        if not self._running:
+            what = "has shut down" if self._finished.is_set() else "is not running yet"
+            with trio.move_on_after(self.grace_period):
+                await request.reject(503, body=b"the peerkit broker is not running\n")
+            raise PeerkitError(
+                f"the broker {what}: start it with `await nursery.start(broker.run)` before "
+                "handing it requests, and stop handing them over once it shut down"
+            )
+        await self._serve_request(request)
+
+    def websocket_options(self) -> dict[str, Any]:
+        """The trio-websocket settings the broker serves with: pass them to the
+        application's ``serve_websocket`` (``**broker.websocket_options()``) when the broker
+        is mounted, so that its connections get the same limits and buffers."""
+        return {
+            "message_queue_size": MESSAGE_QUEUE,
+            "max_message_size": ws_max_frame(self.max_message_size),
+            "receive_buffer_size": RECEIVE_BUFFER,
+            "connect_timeout": self.handshake_timeout,
+            "disconnect_timeout": self.grace_period,
+        }
 
     async def shutdown(self) -> None:
         """Clean shutdown: ``BrokerShutdownMsg`` to every peer, wait (bounded) for goodbyes.
@@ -250,23 +294,32 @@ class Broker(BrokerDispatch, OwnNursery):
             conn.scope.cancel(reason="broker shut down")
 
     # ------------------------------------------------------------- connections
-    async def _handle_connection(self, ws: _ws.WebSocket) -> None:
-        # This runs in the server's nursery: an exception escaping it would take the whole
-        # broker down, so whatever one connection does ends with it.
-        conn: _Conn | None = None
+    async def _serve_request(self, request: trio_websocket.WebSocketRequest) -> None:
+        # This runs in the server's nursery (or the application's handler): an exception
+        # escaping it would take the server down, so whatever one connection does ends here.
+        with trio.CancelScope() as scope:
+            self._handlers.add(scope)
+            try:
+                ws = await request.accept()
+            except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
+                self._handlers.discard(scope)
+                return
+            try:
+                await self._serve_connection(ws)
+            finally:
+                self._handlers.discard(scope)
+
+    async def _serve_connection(self, ws: trio_websocket.WebSocketConnection) -> None:
+        conn: Connection | None = None
         try:
             conn = await self._handshake(ws)
             if conn is None:
                 return
             try:
-                with conn.scope:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._writer, conn)
-                        await self._reader(conn)
-                        nursery.cancel_scope.cancel()
+                await conn.run(self._dispatcher.dispatch, self._batch_limit, self.grace_period)
             finally:
                 self._remove(conn)
-        except* (_ws.ConnectionClosed, trio.BrokenResourceError, OSError):
+        except* (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
             pass  # the peer went away; _remove() has dealt with it
         except* Exception as group:
             log.error("connection handler failed (the broker carries on)", exc_info=group)
@@ -278,17 +331,19 @@ class Broker(BrokerDispatch, OwnNursery):
                 else:
                     await ws.aclose()
 
-    async def _handshake(self, ws: _ws.WebSocket) -> _Conn | None:
+    async def _handshake(self, ws: trio_websocket.WebSocketConnection) -> Connection | None:
         with trio.move_on_after(self.handshake_timeout):
             try:
                 frame = await ws.get_message()
-            except _ws.ConnectionClosed:
+            except trio_websocket.ConnectionClosed:
                 return None
             return await self._accept_hello(ws, frame)
         await self._reject(ws, "bad_hello", f"no hello within {self.handshake_timeout} s")
         return None
 
-    async def _accept_hello(self, ws: _ws.WebSocket, frame: bytes | str) -> _Conn | None:
+    async def _accept_hello(
+        self, ws: trio_websocket.WebSocketConnection, frame: bytes | str
+    ) -> Connection | None:
         try:
             envs = list(codec.iter_envelopes(frame))  # type: ignore[arg-type]
             if len(envs) != 1 or envs[0].kind != Kind.HELLO:
@@ -299,75 +354,52 @@ class Broker(BrokerDispatch, OwnNursery):
             await self._reject(ws, "bad_hello", f"bad handshake: {exc}")
             return None
         pid = hello.peer_id
-        if hello.protocol_version != PROTOCOL_VERSION:
-            reason, detail = (
-                "bad_version",
-                (
-                    f"protocol version {hello.protocol_version} is not supported by this broker "
-                    f"(it speaks {PROTOCOL_VERSION}); use the same peerkit version everywhere"
+        reject = admit(
+            hello,
+            token=self.token,
+            connected=self._conns,
+            max_peers=self.max_peers,
+            shutting_down=self._shutting_down,
+        )
+        if reject is not None:
+            log.warning("rejected peer %r: %s", pid, reject.detail)
+            await self._reject(ws, reject.reason, reject.detail)
+            return None
+        conn = Connection(pid, ws, self.send_queue_size)
+        self._conns[pid] = conn
+        self.routing.add_peer(pid)
+        self._all_gone = trio.Event()
+        conn.push(
+            control(
+                Kind.WELCOME,
+                Welcome(
+                    peer_id=pid,
+                    heartbeat_interval=self.heartbeat_interval,
+                    heartbeat_timeout=self.heartbeat_timeout,
+                    max_message_size=self.max_message_size,
                 ),
             )
-        elif self.token is not None and not hmac.compare_digest(
-            hello.token.encode(), self.token.encode()
-        ):
-            reason, detail = "bad_token", "wrong or missing token; pass the broker's token="
-        elif pid in _RESERVED_IDS or len(pid) > _MAX_ID_LEN or not pid.isprintable():
-            reason, detail = (
-                "bad_id",
-                (
-                    f"invalid peer id {pid!r}: use 1..{_MAX_ID_LEN} printable characters, "
-                    f"not {BROKER_ID!r}"
-                ),
-            )
-        elif pid in self._conns:
-            reason, detail = (
-                "duplicate_id",
-                (f"a peer with id {pid!r} is already connected; choose another peer_id"),
-            )
-        elif len(self._conns) >= self.max_peers:
-            reason, detail = (
-                "too_many_peers",
-                (f"the broker already has max_peers={self.max_peers} peers"),
-            )
-        elif self._shutting_down:
-            reason, detail = "shutting_down", "the broker is shutting down"
-        else:
-            conn = _Conn(pid, ws, self.send_queue_size, self._changes)
-            self._conns[pid] = conn
-            self.routing.add_peer(pid)
-            self._all_gone = trio.Event()
-            conn.push(
-                control(
-                    Kind.WELCOME,
-                    Welcome(
-                        peer_id=pid,
-                        heartbeat_interval=self.heartbeat_interval,
-                        heartbeat_timeout=self.heartbeat_timeout,
-                        max_message_size=self.max_message_size,
-                    ),
-                )
-            )
-            log.info("peer %r connected", pid)
-            return conn
-        log.warning("rejected peer %r: %s", pid, detail)
-        await self._reject(ws, reason, detail)
-        return None
+        )
+        log.info("peer %r connected", pid)
+        return conn
 
-    async def _reject(self, ws: _ws.WebSocket, reason: str, detail: str) -> None:
+    async def _reject(
+        self, ws: trio_websocket.WebSocketConnection, reason: str, detail: str
+    ) -> None:
         with trio.move_on_after(self.grace_period):
             try:
                 await ws.send_message(control(Kind.REJECT, Reject(reason=reason, detail=detail)))
                 await ws.aclose(code=1008, reason=reason)
-            except _ws.ConnectionClosed:
+            except trio_websocket.ConnectionClosed:
                 pass
 
-    def _remove(self, conn: _Conn) -> None:
+    def _remove(self, conn: Connection) -> None:
         if self._conns.get(conn.peer_id) is not conn:
             return
         del self._conns[conn.peer_id]
         removal = self.routing.remove_peer(conn.peer_id)
         for pq in removal.orphaned_queries:
-            self._query_failed(
+            self._dispatcher.query_failed(
                 pq.asker,
                 pq.asker_corr,
                 QueryFailed(
@@ -387,14 +419,14 @@ class Broker(BrokerDispatch, OwnNursery):
             reason = "connection lost without goodbye"
             log.warning("peer %r dropped: %s", conn.peer_id, reason)
         if conn.goodbye is None and not (self._shutting_down and conn.close_reason is None):
-            self._publish(
+            self._dispatcher.publish(
                 conn.peer_id,
                 _PANICK_TYPE,
                 codec.encode_body(
                     PanickMsg(message=f"peer {conn.peer_id!r} {reason}", error_type="PeerLost")
                 ),
             )
-        self._publish(
+        self._dispatcher.publish(
             conn.peer_id,
             _PEER_LEFT_TYPE,
             codec.encode_body(PeerLeft(reason=reason, clean=conn.goodbye is not None)),
@@ -403,70 +435,6 @@ class Broker(BrokerDispatch, OwnNursery):
             self._all_gone.set()
         if self.on_peer_left is not None:
             self.on_peer_left(conn.peer_id, reason)
-
-    # ------------------------------------------------------------------ writer
-    async def _writer(self, conn: _Conn) -> None:
-        out = conn.out
-        ws = conn.ws
-        while True:
-            await conn.wakeup.wait()
-            conn.wakeup = trio.Event()
-            while out or conn.dropped_pending or ws.backlog:
-                if out or conn.dropped_pending:
-                    await ws.send_message(self._next_frame(conn))
-                else:
-                    await ws.flush()
-                conn.last_sent = trio.current_time()
-
-    def _next_frame(self, conn: _Conn) -> bytes:
-        """Take what ``conn`` has queued into one frame (a loss report leads it)."""
-        parts: list[bytes] = []
-        if conn.dropped_pending:
-            parts.append(control(Kind.DROPPED, MessagesDropped(count=conn.dropped_pending)))
-            conn.dropped_pending = 0
-        published = take_counted(conn.out, self._batch_limit, parts)
-        conn.queued -= published
-        conn.msgs_out += published
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _send_inline(self) -> None:
-        """Write to the connections an incoming frame gave something to send, from the
-        reader, when their writer is idle and the kernel takes it without waiting: a query
-        or a lone message need not wait for each writer task's turn. The rest (and what
-        the kernel did not take) is left to the writers, woken here."""
-        changes = self._changes
-        changes.holding = False
-        for conn in changes.conns:
-            ws = conn.ws
-            if (conn.out or conn.dropped_pending) and ws.can_send_now():
-                ws.send_nowait(self._next_frame(conn))
-                conn.last_sent = trio.current_time()
-            if conn.out or conn.dropped_pending or ws.backlog or ws.closed is not None:
-                conn.wakeup.set()
-        changes.conns.clear()
-
-    # ------------------------------------------------------------------ reader
-    async def _reader(self, conn: _Conn) -> None:
-        ws = conn.ws
-        while True:
-            try:
-                frame = await ws.get_message()
-            except _ws.ConnectionClosed:
-                return
-            conn.last_seen = trio.current_time()
-            self._changes.holding = True
-            try:
-                for env in codec.iter_envelopes(frame):  # type: ignore[arg-type]
-                    self._dispatch(conn, env)
-            except DecodeError as exc:
-                log.warning("bad frame from %r: %s", conn.peer_id, exc)
-                conn.push(control(Kind.ERROR, RequestFailed(code="bad_frame", detail=str(exc))))
-            finally:
-                self._send_inline()
-            if conn.goodbye is not None and conn.scope.deadline == math.inf:
-                # the peer closes after its goodbye; wait for that (bounded) rather than
-                # closing from both ends at once
-                conn.scope.deadline = trio.current_time() + self.grace_period
 
     # ---------------------------------------------------------------- liveness
     async def _monitor(self) -> None:

@@ -146,11 +146,13 @@ examples:
 _CTL_DESCRIPTION = """\
 Send a PeerControlMessage to one peer and print its answer: 'start' moves it
 from ready to running, 'stop' from running to ready (a peer with autoshutdown,
-the default, then shuts down), 'close' shuts it down."""
+the default, then shuts down), 'close' shuts it down; any other action is passed
+to the peer's _control_action hook (see the peer states page of the docs)."""
 
 _CTL_EPILOG = """\
 examples:
   peerkit ctl start amp
+  peerkit ctl calibrate amp          an action peer 'amp' defines
   peerkit ctl close amp --broker ws://10.0.0.5:8765 --token s3cret
 """
 
@@ -408,7 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = _subparser(sub, "ctl", "start, stop or close a peer", _CTL_DESCRIPTION, _CTL_EPILOG)
-    p.add_argument("action", choices=CONTROL_ACTIONS, help="what the peer should do")
+    action = p.add_argument(
+        "action",
+        help=f"what the peer should do: {', '.join(CONTROL_ACTIONS)} or an action it defines",
+    )
+    action.suggestions = CONTROL_ACTIONS  # type: ignore[attr-defined]  # for completion
     p.add_argument("peer_id", metavar="PEER_ID", help="the peer to tell")
     p.add_argument(
         "--timeout",

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-import collections
 import ssl
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import trio
 
-from . import _ws, codec
-from ._checks import check_positive_int, check_seconds, check_seconds_or_zero
-from ._peer_base import Handler, _never_run, _Pending, _Sub, log
-from ._peer_messaging import PeerMessaging
+from . import codec
+from ._checks import check_positive_int, check_seconds
+from ._link import Link, log
+from ._queries import Handler, Queries
+from ._subscriptions import Subscriptions
 from ._util import OwnNursery, raise_single
-from ._wsconf import Outgoing, Run
 from .codec import Envelope, control
 from .errors import (
     BrokerLostError,
+    DecodeError,
+    NotConnectedException,
     PeerkitError,
     ShuttingDownException,
 )
@@ -31,12 +33,14 @@ from .messages import (
     message_type_of,
 )
 from .protocol import (
+    PUB,
     SHARE_POLICIES,
+    BrokerInfo,
     Kind,
     PeerStateReport,
-    Welcome,
+    RequestFailed,
 )
-from .states import PeerState
+from .states import PeerState, State, StateMachine
 
 __all__ = ["Peer", "query_handler", "subscribe"]
 
@@ -72,11 +76,14 @@ def query_handler(msg_type: type[Message], *, policy: str = "exclusive") -> Call
     return deco
 
 
-#: The longest ``busy_poll`` a peer accepts: polling longer costs more CPU than a wake-up.
-MAX_BUSY_POLL = 0.1
+#: send_message yields to the scheduler (and so lets the writer fill a frame) once it queued
+#: this many bytes since it last did, counting each message as its body plus _YIELD_OVERHEAD
+#: (about 850 messages of 100 bytes, or 60 of 8 KiB: frames of ~100-500 KiB under load)
+_YIELD_BYTES = 512 * 1024
+_YIELD_OVERHEAD = 512
 
 
-class Peer(PeerMessaging, OwnNursery):
+class Peer(StateMachine, OwnNursery):
     """A peer: one trio nursery, a strict lifecycle and typed messaging through a broker.
 
     ``await nursery.start(peer.run)`` returns once the peer is connected; ``run()`` returns
@@ -91,25 +98,13 @@ class Peer(PeerMessaging, OwnNursery):
     (messages queued and not yet written), ``receive_queue_size`` (messages waiting for
     handlers; overflow drops and counts),
     ``max_concurrent_queries`` (async query handlers running at once; a plain-function
-    handler answers as its query arrives), ``busy_poll`` (how long a task waiting for an
-    answer, to a query or a request, polls the connection before it sleeps: 1 ms by
-    default, at most 0.1 s, 0 turns polling off; see below), ``is_essential``.
+    handler answers as its query arrives), ``is_essential``.
 
-    Polling: a round trip through the broker wakes four sleeping processes in turn, and
-    where waking an idle CPU is slow (virtual machines above all) those wake-ups cost more
-    than the work. So a lone task that waits for its answer on a plain-TCP connection checks
-    the connection at every scheduling pass for up to ``busy_poll`` seconds before it
-    sleeps. Each pass is a trio checkpoint (the peer's other tasks, timers and I/O carry on)
-    after a ``sched_yield``; polling stops as soon as the process has other tasks to run
-    (its CPU is not going idle then), and it is off under a :class:`trio.testing.MockClock`
-    (virtual time could not advance). The benchmarks page gives what it saves.
-
-    What it costs: up to ``busy_poll`` of CPU per answer awaited, spent for nothing when
-    answers take longer than that. On a machine whose CPUs are all busy with other programs
-    it can make round trips slower rather than faster (``sched_yield`` is only a hint to
-    Linux, which tends to favour a process that has just woken up over one that keeps
-    yielding). Set ``busy_poll=0`` where CPU matters more than latency, on a loaded machine,
-    or when the answers you wait for take about a millisecond or more.
+    A peer is made of parts it holds: its :class:`~peerkit._link.Link` to the broker (the
+    trio-websocket connection, its reader, writer and heartbeat), its
+    :class:`~peerkit._subscriptions.Subscriptions` (handlers, inbox, dispatcher) and its
+    :class:`~peerkit._queries.Queries` (handlers and workers, questions asked). The peer
+    itself keeps the lifecycle and the nursery.
     """
 
     #: Whether the experiment stops when this peer panics (reported in ``PanickMsg``).
@@ -153,7 +148,6 @@ class Peer(PeerMessaging, OwnNursery):
         send_queue_size: int = 10_000,
         receive_queue_size: int = 10_000,
         max_concurrent_queries: int = 16,
-        busy_poll: float = 0.001,
         is_essential: bool | None = None,
     ) -> None:
         super().__init__()
@@ -194,23 +188,8 @@ class Peer(PeerMessaging, OwnNursery):
         self.send_queue_size = send_queue_size
         self.receive_queue_size = receive_queue_size
         self.max_concurrent_queries = max_concurrent_queries
-        self.busy_poll = check_seconds_or_zero("busy_poll", busy_poll)
-        if self.busy_poll > MAX_BUSY_POLL:
-            raise PeerkitError(
-                f"busy_poll must be at most {MAX_BUSY_POLL} s (it is CPU spent on each "
-                f"answer awaited; 0.001 is the default), got {busy_poll!r}"
-            )
         if is_essential is not None:
             self.is_essential = is_essential
-
-        # statistics (read freely)
-        #: published messages received from the broker
-        self.msgs_in = 0
-        #: published messages written to the broker
-        self.msgs_out = 0
-        #: messages lost for this peer: reported by the broker or dropped locally
-        self.dropped_messages = 0
-        self.decode_errors = 0
 
         self._error: BaseException | None = None
         self._run_started = False
@@ -224,44 +203,115 @@ class Peer(PeerMessaging, OwnNursery):
         self._stop_on_shutdown = False
         self._reported_started = False
         self._start_requested = False
-
-        self._ws: _ws.WebSocket | None = None
-        self._link_ok = False
-        self._can_send = False
-        self._welcome: Welcome | None = None
-        self._max_message_size = codec.DEFAULT_MAX_MESSAGE_SIZE
-        self._out: collections.deque[Outgoing] = collections.deque()
-        self._tail: Run | None = None  # the run at the end of _out, while it can grow
-        self._heard = 0.0  # trio time of the last frame from the broker
-        self._caller_reads = False  # a caller waiting for an answer reads the connection
-        self._read_scope: trio.CancelScope | None = None  # the reader task's reads
-        self._reads_back = trio.Event()  # set when that caller hands the reading back
-        self._out_ready = trio.Event()
-        self._progress = trio.lowlevel.ParkingLot()
-        self._enqueued = 0
-        self._sent = 0
-        self._next_corr = 1
-        self._pending: dict[int, _Pending] = {}
-
-        self._subs: dict[str, list[_Sub]] = {}
-        self._sub_refs: collections.Counter[tuple[str, str | None]] = collections.Counter()
-        self._sub_acks: dict[tuple[str, str | None], _Pending] = {}
-        self._query_handlers: dict[str, Handler] = {}
-        self._builtin_queries: dict[str, Handler] = {
-            PeerControlMessage.message_type(): self._on_control_query,
-        }
-        self._inbox: collections.deque[Envelope] = collections.deque()
+        self._can_send = False  # connected and not shutting down: the send_message fast path
         self._unyielded = 0  # bytes send_message queued since it last yielded
-        self._inbox_count = 0  # messages queued in _inbox, and those of the run in hand
-        self._run_left = 0
-        self._inbox_ready = trio.Event()
-        self._local_drops = 0
-        self._query_send, self._query_recv = trio.open_memory_channel[
-            tuple[Envelope, Awaitable[Any]]
-        ](max_concurrent_queries * 4)
+
+        # the parts
+        self._link = Link(
+            broker_url,
+            peer_id,
+            self._on_envelope,
+            token=token,
+            ssl_context=ssl_context,
+            connect_timeout=self.connect_timeout,
+            grace_period=self.grace_period,
+        )
+        self._subs = Subscriptions(self._link, peer_id, receive_queue_size, self.request_timeout)
+        self._link.frame_done = self._subs.report_drops
+        self._queries = Queries(
+            self._link,
+            peer_id,
+            max_concurrent_queries,
+            self.request_timeout,
+            builtin={PeerControlMessage.message_type(): self._on_control_query},
+        )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.peer_id!r} {self.state}>"
+
+    # ============================================================ statistics
+    @property
+    def msgs_in(self) -> int:
+        """Published messages received from the broker."""
+        return self._subs.msgs_in
+
+    @property
+    def msgs_out(self) -> int:
+        """Published messages written to the broker."""
+        return self._link.msgs_out
+
+    @property
+    def dropped_messages(self) -> int:
+        """Messages lost for this peer: reported by the broker, or dropped here because
+        its receive queue was full or it was shutting down."""
+        return self._subs.dropped_messages
+
+    @property
+    def decode_errors(self) -> int:
+        """Messages that arrived but could not be decoded (each was logged)."""
+        return self._subs.decode_errors
+
+    @property
+    def link_up(self) -> bool:
+        """Whether the connection to the broker is open (after the welcome)."""
+        return self._link.up
+
+    # ============================================================== helpers
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+            log.error("peer %r failed: %s: %s", self.peer_id, type(exc).__name__, exc, exc_info=exc)
+        else:
+            log.error("peer %r: another error while shutting down: %r", self.peer_id, exc)
+        self._request_shutdown(f"{type(exc).__name__} in peer {self.peer_id!r}")
+
+    def _request_shutdown(self, reason: str) -> None:
+        if self.is_finished:
+            return
+        if not self.is_shutting_down:
+            self._stop_on_shutdown = self.is_running
+            self._state = PeerState.shutting_down
+        self._main_scope.cancel(reason=reason)
+
+    def _refuse_when_shutting_down(self, what: str) -> None:
+        if self.is_shutting_down:
+            raise ShuttingDownException(f"peer {self.peer_id!r} is shutting down; {what} refused")
+
+    def _require_connected(self, what: str) -> None:
+        self._refuse_when_shutting_down(what)
+        if not self.is_connected:
+            raise NotConnectedException(
+                f"peer {self.peer_id!r} is not connected yet ({self.state}); {what} needs a "
+                "connection: start the peer with nursery.start(peer.run) or `async with peer`"
+            )
+
+    def _on_envelope(self, env: Envelope) -> None:
+        """Every envelope the link does not handle itself (in the link's reader task)."""
+        kind = env.kind
+        if kind == PUB:
+            self._subs.deliver(env)
+        elif kind == Kind.QUERY:
+            if self.is_shutting_down:
+                self._queries.fail(env, "handler_gone", f"peer {self.peer_id!r} is shutting down")
+            else:
+                self._queries.answer(env)
+        elif kind == Kind.DROPPED:
+            self._subs.broker_dropped(env)
+        elif kind == Kind.SHUTDOWN:
+            log.info("peer %r: the broker is shutting down", self.peer_id)
+            self._request_shutdown("the broker is shutting down")
+        elif kind == Kind.ERROR:
+            try:
+                failure = codec.decode_body(RequestFailed, env.body)
+                assert isinstance(failure, RequestFailed)
+                text = f"{failure.code}: {failure.detail}"
+            except DecodeError:
+                text = "(unreadable error)"
+            log.error("peer %r: the broker refused something we sent: %s", self.peer_id, text)
+        else:
+            log.error(
+                "peer %r: unexpected envelope %s from the broker", self.peer_id, Kind(kind).name
+            )
 
     # ================================================================ hooks
     async def _connections_established(self) -> None:
@@ -289,12 +339,14 @@ class Peer(PeerMessaging, OwnNursery):
         await self._connections_established()
 
     # ============================================================ lifecycle
-    def _state_changed(self, old: PeerState, new: PeerState) -> None:
+    def _state_changed(self, old: State, new: State) -> None:
         log.debug("peer %r: %s -> %s", self.peer_id, old, new)
         self._can_send = self.is_connected
         self._state_lot.unpark_all()
-        if self._link_ok and new is not PeerState.finished:
-            self._push(control(Kind.STATE, PeerStateReport(state=new.value)))
+        if new is PeerState.shutting_down:
+            self._subs.close()
+        if self._link.up and new is not PeerState.finished:
+            self._link.push(control(Kind.STATE, PeerStateReport(state=str(new))))
 
     async def wait_for_state(self, predicate: Callable[[Peer], bool], timeout: float) -> None:
         """Wait until ``predicate(peer)`` holds, e.g. ``lambda p: p.is_ready``.
@@ -453,13 +505,10 @@ class Peer(PeerMessaging, OwnNursery):
             raise
         finally:
             self._user_nursery = None
-            self._link_ok = False
             if not self.is_shutting_down:
                 self._state = PeerState.shutting_down
             self._state = PeerState.finished
-            for pending in self._pending.values():
-                pending.error = BrokerLostError(f"peer {self.peer_id!r} finished")
-                pending.event.set()
+            self._link.fail_pending(BrokerLostError(f"peer {self.peer_id!r} finished"))
             self._finished_event.set()
             log.info(
                 "peer %r finished%s",
@@ -482,20 +531,16 @@ class Peer(PeerMessaging, OwnNursery):
 
     async def _live(self, sysn: trio.Nursery, task_status: trio.TaskStatus[None]) -> None:
         try:
-            await self._connect(sysn)
+            await sysn.start(self._run_link)
         except (PeerkitError, OSError, trio.TooSlowError) as exc:
             self._fail(exc)
             return
-        self._link_ok = True
         self._state = PeerState.connected  # reported to the broker by _state_changed
-        sysn.start_soon(self._sys_guarded, self._reader)
-        sysn.start_soon(self._sys_guarded, self._writer)
-        sysn.start_soon(self._sys_guarded, self._heartbeat)
         async with trio.open_nursery() as usern:
             self._user_nursery = usern
-            usern.start_soon(self._guarded, self._dispatcher)
+            usern.start_soon(self._guarded, self._subs.dispatcher)
             for _ in range(self.max_concurrent_queries):
-                usern.start_soon(self._guarded, self._query_worker)
+                usern.start_soon(self._guarded, self._queries.worker)
             try:
                 await self._register_declared()
             except Exception as exc:  # e.g. a declared query handler another peer holds
@@ -509,6 +554,17 @@ class Peer(PeerMessaging, OwnNursery):
             usern.start_soon(self._guarded, self._lifecycle)
             await trio.sleep_forever()
 
+    async def _run_link(self, *, task_status: trio.TaskStatus[Any]) -> None:
+        """The link's life, in the peer's system nursery: an error before the welcome
+        comes out of ``nursery.start`` in :meth:`_live`; after it, it fails the peer."""
+        try:
+            await self._link.run(task_status=task_status)
+        except Exception as exc:
+            if self._link.welcome is None:
+                raise
+            if not self.is_shutting_down or self._error is None:
+                self._fail(exc)
+
     async def _lifecycle(self) -> None:
         await self._become_ready()
         if self.is_shutting_down:
@@ -517,43 +573,14 @@ class Peer(PeerMessaging, OwnNursery):
         if self.autostart or self._start_requested:
             await self.start()
 
-    async def _sys_guarded(self, fn: Callable[[], Awaitable[None]]) -> None:
-        try:
-            await fn()
-        except _ws.ConnectionClosed as exc:
-            self._link_ok = False
-            if not self.is_shutting_down:
-                reason = exc.reason
-                self._fail(
-                    BrokerLostError(
-                        f"the broker closed the connection of {self.peer_id!r} "
-                        f"(code {getattr(reason, 'code', '?')}: {getattr(reason, 'reason', '')})"
-                    )
-                )
-        except Exception as exc:
-            self._link_ok = False
-            if not self.is_shutting_down or self._error is None:
-                self._fail(exc)
-
-    def _drop_waiting_queries(self) -> None:
-        """Queries still waiting for a worker will not be answered: tell their askers."""
-        while True:
-            try:
-                env, rest = self._query_recv.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                return
-            _never_run(rest)
-            if self._link_ok:
-                self._query_error(env, "handler_gone", f"peer {self.peer_id!r} is shutting down")
-
     async def _close_gracefully(self) -> None:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self.grace_period
             if self._stop_on_shutdown:
                 await self._guarded(self._stop)
             await self._guarded(self._shutting_down)
-            self._drop_waiting_queries()
-            if self._link_ok:
+            self._queries.drop_waiting()
+            if self._link.up:
                 error = self._error
                 if error is not None:
                     panick = PanickMsg(
@@ -561,14 +588,12 @@ class Peer(PeerMessaging, OwnNursery):
                         error_type=type(error).__name__,
                         was_essential=self.is_essential,
                     )
-                    self._queue_publish(PanickMsg.message_type(), codec.encode_body(panick))
+                    self._link.publish(PanickMsg.message_type(), codec.encode_body(panick))
                 goodbye = BrokerGoodbyeMsg(
                     error_msg=None if error is None else f"{type(error).__name__}: {error}"
                 )
-                self._push(control(Kind.GOODBYE, goodbye))
-                await self._flush()
-            if self._ws is not None:
-                await self._ws.aclose()
+                self._link.push(control(Kind.GOODBYE, goodbye))
+            await self._link.aclose()
             if scope.cancelled_caught:
                 log.warning(
                     "peer %r: graceful shutdown took longer than %s s",
@@ -577,9 +602,9 @@ class Peer(PeerMessaging, OwnNursery):
                 )
 
     async def _register_declared(self) -> None:
-        await self._subscribe(PeerControlMessage, None, self._on_control)
+        await self._subs.add(PeerControlMessage, None, self._on_control)
         for name, msg_type, sender in self._declared_subs:
-            await self._subscribe(msg_type, sender, getattr(self, name))
+            await self._subs.add(msg_type, sender, getattr(self, name))
         for name, msg_type, policy in self._declared_queries:
             await self.register_query_handler(msg_type, getattr(self, name), policy=policy)
 
@@ -598,8 +623,10 @@ class Peer(PeerMessaging, OwnNursery):
             # answer first, then shut down (autoshutdown): the asker gets its OkMsg
             if await self._stop_only() and self.autoshutdown:
                 self._request_shutdown(f"stopped by {msg.sender!r} (autoshutdown)")
-        else:
+        elif msg.action == "close":
             self._request_shutdown(f"closed by {msg.sender!r}")
+        else:  # the asker gets what the hook raises, as a RemoteError
+            await self._control_action(msg.action)
         return OkMsg(detail=f"{self.peer_id} {msg.action}: {self.state}")
 
     async def _control_start(self) -> None:
@@ -617,7 +644,149 @@ class Peer(PeerMessaging, OwnNursery):
             await self.stop()
         elif action == "close":
             await self.async_shutdown()
+        else:  # published, so nobody to answer: a refused action must not kill the peer
+            try:
+                await self._control_action(action)
+            except PeerkitError as exc:
+                log.warning("peer %r: control action %r refused: %s", self.peer_id, action, exc)
+
+    async def _control_action(self, action: str) -> None:
+        """Called for a :class:`PeerControlMessage` action other than start, stop and close.
+
+        Override it to give a peer actions of its own (call ``super()`` for those it does not
+        know); what it raises reaches an asker (``peerkit ctl``) as a RemoteError, and the
+        peer answers once it returns.
+        """
+        raise PeerkitError(
+            f"peer {self.peer_id!r} has no control action {action!r}; it knows start, stop "
+            "and close, and its class can add more by overriding _control_action"
+        )
 
     # ====================================================== context manager
     def _end_of_block(self) -> None:
         self._request_shutdown("the `async with peer` block ended")
+
+    # ============================================================ messaging
+    async def send_message(self, msg: Message) -> None:
+        """Publish ``msg`` to every subscriber of its type (through the broker).
+
+        Messages from one peer reach each subscriber in the order sent. Waits (up to
+        ``send_timeout``) when the outgoing queue is full.
+        """
+        if not self._can_send:  # one flag for the common case (kept by _state_changed)
+            self._require_connected("send_message")
+        link = self._link
+        body = codec.encode_body(msg, link.max_message_size)
+        if link.backlog >= self.send_queue_size:
+            try:
+                with trio.fail_after(self.send_timeout):
+                    await link.wait_for_room(self.send_queue_size)
+            except trio.TooSlowError:
+                raise PeerkitError(
+                    f"peer {self.peer_id!r}: outgoing queue full for {self.send_timeout} s "
+                    "(the broker is not reading); raise send_queue_size or send less"
+                ) from None
+            self._require_connected("send_message")
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        # encode_body checked the class is registered: its type name is safe to read
+        link.publish(type(msg).__message_type__, body)
+        self._unyielded += len(body) + _YIELD_OVERHEAD
+        if self._unyielded >= _YIELD_BYTES:
+            # let the writer batch what is queued; a lone message goes out at the caller's
+            # next yield (at once, in practice)
+            self._unyielded = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def subscribe_for_all_msg_subtype(
+        self, msg_type: type[M], handler: Callable[[M], Any]
+    ) -> None:
+        """Call ``handler(msg)`` for every ``msg_type`` message, from every sender.
+
+        Returns once the broker has the subscription. Handlers (sync or async) run one at a
+        time, in arrival order; an exception escaping one shuts the peer down with it.
+        """
+        self._require_connected("subscribing")
+        await self._subs.add(msg_type, None, handler)
+
+    async def subscribe_for_specific_msg_subtype(
+        self, msg_type: type[M], sender_id: str, handler: Callable[[M], Any]
+    ) -> None:
+        """Call ``handler(msg)`` for ``msg_type`` messages sent by ``sender_id`` only."""
+        if not isinstance(sender_id, str) or not sender_id:
+            raise PeerkitError(f"sender_id must be a peer id, got {sender_id!r}")
+        self._require_connected("subscribing")
+        await self._subs.add(msg_type, sender_id, handler)
+
+    async def unsubscribe(
+        self, msg_type: type[Message], handler: Handler | None = None, *, sender: str | None = None
+    ) -> int:
+        """Remove subscriptions to ``msg_type`` (those of ``handler`` if given, for
+        ``sender`` if given); returns how many were removed."""
+        removed = self._subs.remove(msg_type, handler, sender)
+        await trio.lowlevel.checkpoint()
+        return removed
+
+    @asynccontextmanager
+    async def subscription(
+        self, msg_type: type[M], *, sender: str | None = None, buffer: int = 100
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[M]]:
+        """Pull form: ``async with peer.subscription(T) as stream: async for msg in stream``.
+
+        ``buffer`` messages wait in the stream; when it is full the peer's handlers wait
+        for the consumer (and the broker drops and reports beyond its own queue).
+        """
+        self._require_connected("subscribing")
+        async with self._subs.stream(msg_type, sender, buffer) as stream:
+            yield stream
+
+    async def register_query_handler(
+        self, msg_type: type[Message], handler: Handler, *, policy: str = "exclusive"
+    ) -> None:
+        """Answer ``msg_type`` queries with ``handler(msg) -> response message``.
+
+        An ``async`` handler runs in one of the ``max_concurrent_queries`` query workers. A
+        plain function answers at once, in the peer's reader task as the query arrives:
+        keep it short and non-blocking, as any code that runs in the reader.
+
+        A second handler of the same type (any peer) is refused unless all use the same
+        ``policy``: ``"round_robin"`` (the broker alternates) or ``"explicit"`` (queries
+        raise :class:`MultiplePeersAvailable`; use :meth:`ask_peer`).
+        """
+        self._require_connected("register_query_handler")
+        await self._queries.register(msg_type, handler, policy)
+
+    async def unregister_query_handler(self, msg_type: type[Message]) -> None:
+        """Stop answering ``msg_type`` queries."""
+        await self._queries.unregister(msg_type, tell_broker=not self.is_shutting_down)
+
+    async def query(self, msg: Message, timeout: float | None = None) -> Message:
+        """Ask whichever peer handles ``type(msg)`` and return its response.
+
+        Raises :class:`NoHandlerError`, :class:`RemoteError`, :class:`HandlerGoneError`,
+        :class:`MultiplePeersAvailable` or :class:`QueryTimeout` (all
+        :class:`QueryAnswerUnknown`), or :class:`BrokerLostError` when the connection to the
+        broker is lost meanwhile.
+        """
+        return await self._ask("", msg, timeout)
+
+    async def ask_peer(self, peer_id: str, msg: Message, timeout: float | None = None) -> Message:
+        """Ask the named peer (it answers with its query handler for ``type(msg)``)."""
+        if not isinstance(peer_id, str) or not peer_id:
+            raise PeerkitError(f"peer_id must be a peer id, got {peer_id!r}")
+        return await self._ask(peer_id, msg, timeout)
+
+    async def _ask(self, target: str, msg: Message, timeout: float | None) -> Message:
+        if not self.is_connected and not (self.is_shutting_down and self._link.up):
+            self._require_connected("query")
+        return await self._queries.ask(
+            target, msg, self.query_timeout if timeout is None else timeout
+        )
+
+    async def broker_info(self) -> BrokerInfo:
+        """The broker's view of every connected peer (subscriptions, handlers, state)."""
+        self._require_connected("broker_info")
+        env = await self._link.call(Kind.INFO, timeout=self.request_timeout)
+        info = codec.decode_body(BrokerInfo, env.body)
+        assert isinstance(info, BrokerInfo)
+        return info

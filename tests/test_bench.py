@@ -106,28 +106,31 @@ class _StubControl:
         await self._send.send(cmd)
 
 
-async def test_the_machine_floor_workers_make_round_trips_for_askers_taking_turns() -> None:
-    """The raw-TCP floor (relay, echoer, a sleeping and a polling asker, run in one process
-    here) answers every asker with its own bytes, intact."""
-    from peerkit._benchfloor import FLOOR_ROLES
+async def test_query_workers_make_round_trips_through_the_broker_and_the_bare_relay() -> None:
+    """The query group's workers (broker, handler, asker; bare relay, echo, asker), run in
+    one process here, answer every asker with its own bytes, intact, in turns."""
+    from peerkit._benchworkers import _ROLES
 
-    with trio.fail_after(20):
-        relay, echo, sleeper, poller = (_StubControl() for _ in range(4))
+    with trio.fail_after(30):
+        broker, relay, handler, echo, asker, bare = (_StubControl() for _ in range(6))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(FLOOR_ROLES["tcp_relay"], {}, relay)
-            port = (await relay.expect("ready"))["port"]
-            nursery.start_soon(FLOOR_ROLES["tcp_echo"], {"port": port}, echo)
-            await echo.expect("ready")
-            nursery.start_soon(FLOOR_ROLES["tcp_asker"], {"port": port}, sleeper)
-            nursery.start_soon(FLOOR_ROLES["tcp_asker"], {"port": port, "poll": 0.001}, poller)
-            for ctl in (sleeper, poller):
+            nursery.start_soon(_ROLES["broker"], {}, broker)
+            nursery.start_soon(_ROLES["relay"], {}, relay)
+            url = (await broker.expect("ready"))["url"]
+            relay_url = (await relay.expect("ready"))["url"]
+            nursery.start_soon(_ROLES["qhandler"], {"url": url, "peer_id": "h"}, handler)
+            nursery.start_soon(_ROLES["bare_echo"], {"url": relay_url}, echo)
+            for ctl in (handler, echo):
                 await ctl.expect("ready")
-            for turn in range(4):
-                for ctl in (sleeper, poller):
+            nursery.start_soon(_ROLES["asker"], {"url": url, "peer_id": "a"}, asker)
+            nursery.start_soon(_ROLES["bare_asker"], {"url": relay_url}, bare)
+            for ctl in (asker, bare):
+                await ctl.expect("ready")
+            for turn in range(3):
+                for ctl in (asker, bare):
                     # the asker checks each reply against its payload (or raises)
                     await ctl.send(cmd="query", run=turn + 1, count=50, size=100)
                     result = await ctl.expect("result")
                     assert result["count"] == 50
                     assert 0 < result["median_ms"] <= result["max_ms"]
-            for ctl in (relay, echo, sleeper, poller):
-                await ctl.send(cmd="quit")
+            nursery.cancel_scope.cancel()

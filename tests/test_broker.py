@@ -347,7 +347,7 @@ async def test_a_peer_that_never_reads_its_answers_is_disconnected(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Answers are never dropped, so their queue is bounded by giving the peer up."""
-    monkeypatch.setattr("peerkit._broker_conn.CONTROL_BACKLOG", 64)
+    monkeypatch.setattr("peerkit._connection.CONTROL_BACKLOG", 64)
     with trio.fail_after(30):
         broker = Broker(send_queue_size=10)
         await nursery.start(broker.run)

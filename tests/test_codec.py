@@ -359,7 +359,7 @@ BAD_BODIES = [
         ["tc.Containers.nested['k']", "expected an array"],
     ),
     # attrs validators of the class run too
-    (PeerControlMessage, {"peer_id": "p", "action": "explode"}, ["PeerControlMessage", "action"]),
+    (PeerControlMessage, {"peer_id": "p", "action": ""}, ["PeerControlMessage", "action"]),
 ]
 
 

@@ -494,7 +494,7 @@ async def test_dependency_losing_its_connection_while_others_wait(
                 "no parameter 'no_such_param'"
                 in config_server.registry.waiting_for("filter")["rate"]
             )
-            await amp._ws.abort()  # type: ignore[union-attr]  # no goodbye
+            await amp._link.abort()  # no goodbye
         assert "without goodbye" in config_server.registry.gone["amp"]
         assert "amp" not in config_server.registry.peers
 

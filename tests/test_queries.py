@@ -234,7 +234,7 @@ async def test_queries_waiting_for_a_worker_fail_at_shutdown(broker: Broker) -> 
                         nursery.start_soon(ask, asker)
                     await entered.wait()
                     await wait_for_condition(
-                        lambda: handler._query_recv.statistics().current_buffer_used == 2
+                        lambda: handler._queries._recv.statistics().current_buffer_used == 2
                     )
                     await handler.async_shutdown()
             assert len(failures) == 3  # none left to time out

@@ -158,7 +158,7 @@ async def test_review_cancelled_register_leaves_broker_registration(broker: Brok
                 await a.register_query_handler(ReviewQ, lambda m: OkMsg(detail="a"))
             await a.broker_info()  # the broker has handled what `a` sent before
             at_broker = ReviewQ.message_type() in broker.routing.handlers_of("a")
-            locally = ReviewQ.message_type() in a._query_handlers
+            locally = ReviewQ.message_type() in a._queries.types
             assert at_broker == locally, (at_broker, locally)
             await a.async_shutdown()
 

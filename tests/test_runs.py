@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from test_broker import next_envelope, raw
 
 from peerkit import Broker, Message, Peer, codec, message
-from peerkit._wsconf import MAX_BATCH, batch_limit, take_frame, ws_max_frame
+from peerkit._batching import MAX_BATCH, batch_limit, take_frame, ws_max_frame
+from peerkit._link import Link
 from peerkit.codec import decode_run, encode_body, iter_envelopes, pack_envelope, split_run
 from peerkit.errors import DecodeError
 from peerkit.messages import MessagesDropped
@@ -163,16 +164,16 @@ def test_publishes_leave_in_order_as_runs_within_limits(
     steps: list[tuple[str, str, bytes]], max_size: int, limit: int
 ) -> None:
     """Queue publishes and control envelopes, with the writer taking frames in between."""
-    peer = Peer("ws://127.0.0.1:9", "q")
-    peer._max_message_size = max_size
+    link = Link("ws://127.0.0.1:9", "q", lambda env: None)
+    link.max_message_size = max_size
     beat = pack_envelope(int(Kind.HEARTBEAT))
     queued: list[tuple[str, bytes] | bytes] = []
     sent: list[tuple[str, bytes] | bytes] = []
 
     def take() -> None:
-        frame, count, published = take_frame(peer._out, limit)
-        if not peer._out:
-            peer._tail = None  # as the writer does
+        frame, count, published = take_frame(link._out, limit)
+        if not link._out:
+            link._tail = None  # as the writer does
         got = unpack_frame(frame)
         assert len(got) == count
         assert published == sum(isinstance(item, tuple) for item in got)
@@ -183,37 +184,37 @@ def test_publishes_leave_in_order_as_runs_within_limits(
     for op, typ, data in steps:
         if op == "pub":
             body = msgpack.packb(data)
-            peer._queue_publish(typ, body)
+            link.publish(typ, body)
             queued.append((typ, body))
         elif op == "ctl":
-            peer._push(beat)
+            link.push(beat)
             queued.append(beat)
-        elif peer._out:
+        elif link._out:
             take()
-    while peer._out:
+    while link._out:
         take()
     assert sent == queued
-    assert peer._enqueued == len(queued)
+    assert link._enqueued == len(queued)
 
 
 def test_a_frame_of_one_message_runs_stays_within_the_websocket_limit() -> None:
     """Alternating types make one run per message: the frame counts their headers too."""
-    peer = Peer("ws://127.0.0.1:9", "q")
-    peer._max_message_size = max_size = 16384
+    link = Link("ws://127.0.0.1:9", "q", lambda env: None)
+    link.max_message_size = max_size = 16384
     for i in range(MAX_BATCH):
-        peer._queue_publish((LongA if i % 2 else LongB).message_type(), b"\x81\xa1n\x01")
-    frame, count, _ = take_frame(peer._out, batch_limit(max_size))
+        link.publish((LongA if i % 2 else LongB).message_type(), b"\x81\xa1n\x01")
+    frame, count, _ = take_frame(link._out, batch_limit(max_size))
     assert len(frame) <= batch_limit(max_size) + max_size < ws_max_frame(max_size)
     assert count < MAX_BATCH  # it stopped at the byte limit
 
 
 def test_a_run_holds_at_most_max_batch_messages() -> None:
-    peer = Peer("ws://127.0.0.1:9", "q")
-    peer._max_message_size = 1 << 20
+    link = Link("ws://127.0.0.1:9", "q", lambda env: None)
+    link.max_message_size = 1 << 20
     for _ in range(MAX_BATCH + 10):
-        peer._queue_publish("A", b"\x80")
-    frame, count, published = take_frame(peer._out, 1 << 20)
-    assert count == published == MAX_BATCH and len(peer._out) == 1
+        link.publish("A", b"\x80")
+    frame, count, published = take_frame(link._out, 1 << 20)
+    assert count == published == MAX_BATCH and len(link._out) == 1
     (env,) = iter_envelopes(frame)
     assert env.corr == MAX_BATCH and env.body == b"\x80" * MAX_BATCH
 

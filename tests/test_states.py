@@ -200,17 +200,37 @@ def test_state_is_a_property_and_validated_on_every_assignment() -> None:
 
 
 def test_subclass_table_is_used() -> None:
-    class Strict(StateMachine):
+    """A subclass's own table is the one checked (custom states: tests/test_custom_states.py)."""
+    extra = states.CustomState("extra", counts_as=PeerState.connected)
+
+    class WithExtra(StateMachine):
         _VALID_STATES_TRANSITIONS_ = {
             **StateMachine._VALID_STATES_TRANSITIONS_,
-            PeerState.initializing: (PeerState.connected,),
+            PeerState.connected: (PeerState.ready, PeerState.shutting_down, extra),
+            extra: (PeerState.ready, PeerState.shutting_down),
         }
 
-    sm = Strict()
-    with pytest.raises(InvalidStateTransition):
-        sm._state = PeerState.shutting_down
+    sm = WithExtra()
     sm._state = PeerState.connected
+    sm._state = extra
     assert sm.is_connected
+    with pytest.raises(InvalidStateTransition):
+        sm._state = PeerState.running
+    sm._state = PeerState.ready
+    # ...and the base class's table does not know the subclass's state
+    plain = machine_in("connected")
+    with pytest.raises(InvalidStateTransition):
+        plain._state = extra
+
+
+def test_subclass_cannot_drop_a_base_move() -> None:
+    with pytest.raises(states.InvalidStateDeclaration, match="drops the base move"):
+
+        class Strict(StateMachine):
+            _VALID_STATES_TRANSITIONS_ = {
+                **StateMachine._VALID_STATES_TRANSITIONS_,
+                PeerState.initializing: (PeerState.connected,),
+            }
 
 
 @pytest.mark.parametrize(

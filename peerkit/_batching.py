@@ -1,4 +1,5 @@
-"""Shared WebSocket settings of broker and peer, and how writers fill frames (internal)."""
+"""How writers of broker and peer fill WebSocket messages with envelopes, and the
+trio-websocket settings both sides share (sans-IO, internal)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,15 @@ def batch_limit(max_message_size: int) -> int:
 #: receiver's queue (the broker's default queue holds ten such frames).
 MAX_BATCH = 1024
 
-#: Bytes read from the socket at a time: batched frames are large, and a small buffer
-#: (trio-websocket's default is 4 KiB) made one frame cost dozens of reads and parser passes.
+#: trio-websocket's ``receive_buffer_size``: bytes read from the socket at a time. Batched
+#: frames are large, and trio-websocket's default (4 KiB) made one frame cost dozens of reads
+#: and parser passes.
 RECEIVE_BUFFER = 256 * 1024
+
+#: trio-websocket's ``message_queue_size``: whole messages its reader task may hold before
+#: ours takes them. Small: each is a batch of up to :data:`MAX_BATCH` envelopes, and a full
+#: queue stops the reading (back-pressure onto the sender's socket) instead of buffering.
+MESSAGE_QUEUE = 4
 
 
 class Run:

@@ -1,13 +1,18 @@
 """How the broker handles each envelope a peer sends: publish, subscriptions, query
-handlers and query routing (internal)."""
+handlers and query routing (internal). It decides and queues; the connections write."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Literal
 
+import attrs
+
 from . import codec
-from ._broker_conn import BROKER_ID, _Conn, log
-from ._wsconf import MAX_BATCH
+from ._admission import BROKER_ID
+from ._batching import MAX_BATCH
+from ._connection import Connection
 from .codec import Envelope, control, envelope_head, pack_envelope
 from .errors import BrokerRequestError, DecodeError, MultiplePeersAvailable, NoHandlerError
 from .messages import BrokerGoodbyeMsg
@@ -22,20 +27,22 @@ from .protocol import (
 )
 from .routing import RoutingTable
 
+log = logging.getLogger("peerkit.broker")
 
-class BrokerDispatch:
-    """The broker's envelope handling; :class:`~peerkit.Broker` provides the state."""
+
+@attrs.define(eq=False)
+class Dispatcher:
+    """The broker's envelope handling, over its routing table and its connections."""
 
     routing: RoutingTable
-    _conns: dict[str, _Conn]
+    conns: dict[str, Connection]
+    info: Callable[[], BrokerInfo]
     max_message_size: int
     send_queue_size: int
     overflow: Literal["drop", "disconnect"]
 
-    def info(self) -> BrokerInfo:
-        raise NotImplementedError  # pragma: no cover - Broker provides it
-
-    def _dispatch(self, conn: _Conn, env: Envelope) -> None:
+    def dispatch(self, conn: Connection, env: Envelope) -> None:
+        """Handle one envelope from ``conn`` (in its reader task)."""
         kind = env.kind
         if kind == _PUB:
             count = env.corr
@@ -50,7 +57,7 @@ class BrokerDispatch:
                 )
             else:
                 conn.msgs_in += count
-                self._publish(conn.peer_id, env.type, env.body, count)
+                self.publish(conn.peer_id, env.type, env.body, count)
         elif kind == Kind.HEARTBEAT:
             pass
         elif kind == Kind.QUERY:
@@ -58,7 +65,7 @@ class BrokerDispatch:
         elif kind == Kind.REPLY or kind == Kind.QERR:
             pq = self.routing.close_query(env.corr, conn.peer_id)
             if pq is not None:
-                target = self._conns.get(pq.asker)
+                target = self.conns.get(pq.asker)
                 if target is not None:
                     target.push(
                         pack_envelope(kind, env.type, conn.peer_id, pq.asker_corr, "", env.body)
@@ -91,7 +98,7 @@ class BrokerDispatch:
         else:
             self._error(conn, "unexpected", f"unexpected envelope kind {Kind(kind).name}")
 
-    def _publish(self, sender: str, msg_type: str, body: bytes, count: int = 1) -> None:
+    def publish(self, sender: str, msg_type: str, body: bytes, count: int = 1) -> None:
         """Deliver a run of ``count`` messages (one body if 1) to the subscribers.
 
         Each subscriber's queue takes what fits; the rest is dropped and counted.
@@ -100,7 +107,7 @@ class BrokerDispatch:
         if not subscribers:
             return
         head = envelope_head(_PUB, msg_type, sender, count, "", len(body))
-        conns = self._conns
+        conns = self.conns
         for pid in subscribers:
             target = conns.get(pid)
             if target is None:
@@ -119,7 +126,7 @@ class BrokerDispatch:
                     "it reads too slowly"
                 )
 
-    def _refuse_too_large(self, conn: _Conn, env: Envelope) -> None:
+    def _refuse_too_large(self, conn: Connection, env: Envelope) -> None:
         what = f"message {env.type!r}" if env.corr == 1 else f"run of {env.corr} {env.type!r}"
         detail = (
             f"{what} is {len(env.body)} bytes, over the broker's "
@@ -128,16 +135,16 @@ class BrokerDispatch:
         log.warning("from %r: %s", conn.peer_id, detail)
         self._error(conn, "too_large", detail)
 
-    def _error(self, conn: _Conn, code: str, detail: str) -> None:
+    def _error(self, conn: Connection, code: str, detail: str) -> None:
         conn.push(control(Kind.ERROR, RequestFailed(code=code, detail=detail)))
 
-    def _ack(self, conn: _Conn, corr: int) -> None:
+    def _ack(self, conn: Connection, corr: int) -> None:
         conn.push(pack_envelope(int(Kind.ACK), "", BROKER_ID, corr))
 
-    def _nack(self, conn: _Conn, corr: int, code: str, detail: str) -> None:
+    def _nack(self, conn: Connection, corr: int, code: str, detail: str) -> None:
         conn.push(control(Kind.NACK, RequestFailed(code=code, detail=detail), corr=corr))
 
-    def _subscription(self, conn: _Conn, env: Envelope) -> None:
+    def _subscription(self, conn: Connection, env: Envelope) -> None:
         if not env.type:
             self._nack(conn, env.corr, "bad_request", "subscription without a message type")
             return
@@ -148,7 +155,7 @@ class BrokerDispatch:
             self.routing.unsubscribe(conn.peer_id, env.type, sender)
         self._ack(conn, env.corr)
 
-    def _handler_registration(self, conn: _Conn, env: Envelope) -> None:
+    def _handler_registration(self, conn: Connection, env: Envelope) -> None:
         try:
             if env.kind == Kind.REG:
                 reg = codec.decode_body(RegisterHandler, env.body)
@@ -165,9 +172,9 @@ class BrokerDispatch:
         else:
             self._ack(conn, env.corr)
 
-    def _route_query(self, conn: _Conn, env: Envelope) -> None:
+    def _route_query(self, conn: Connection, env: Envelope) -> None:
         if len(env.body) > self.max_message_size:
-            self._query_failed(
+            self.query_failed(
                 conn.peer_id,
                 env.corr,
                 QueryFailed(
@@ -179,8 +186,8 @@ class BrokerDispatch:
             return
         if env.target:
             handler = env.target
-            if handler not in self._conns:
-                self._query_failed(
+            if handler not in self.conns:
+                self.query_failed(
                     conn.peer_id,
                     env.corr,
                     QueryFailed(
@@ -194,23 +201,23 @@ class BrokerDispatch:
             try:
                 handler = self.routing.handler_for(env.type)
             except NoHandlerError as exc:
-                self._query_failed(
+                self.query_failed(
                     conn.peer_id, env.corr, QueryFailed(code="no_handler", detail=str(exc))
                 )
                 return
             except MultiplePeersAvailable as exc:
-                self._query_failed(
+                self.query_failed(
                     conn.peer_id,
                     env.corr,
                     QueryFailed(code="multiple", detail=str(exc), peers=list(exc.peers)),
                 )
                 return
         corr = self.routing.open_query(conn.peer_id, env.corr, handler, env.type)
-        self._conns[handler].push(
+        self.conns[handler].push(
             pack_envelope(int(Kind.QUERY), env.type, conn.peer_id, corr, "", env.body)
         )
 
-    def _query_failed(self, asker: str, corr: int, failure: QueryFailed) -> None:
-        target = self._conns.get(asker)
+    def query_failed(self, asker: str, corr: int, failure: QueryFailed) -> None:
+        target = self.conns.get(asker)
         if target is not None:
             target.push(control(Kind.QERR, failure, corr=corr, sender=BROKER_ID))

@@ -1,0 +1,160 @@
+"""One authenticated peer connection, seen from the broker (internal).
+
+A :class:`Connection` owns its trio-websocket connection, its bounded outgoing queue and the
+two tasks that use them: the *reader* hands every incoming envelope to the broker's
+dispatch function, and the *writer* packs whatever is queued into one WebSocket message. The
+broker never waits for a slow peer: published messages that do not fit in the queue are
+dropped and counted (reported to the peer at the head of its next message).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from collections.abc import Callable
+
+import trio
+import trio_websocket
+
+from . import codec
+from ._batching import take_counted
+from .codec import Envelope, control
+from .errors import DecodeError
+from .messages import BrokerGoodbyeMsg, MessagesDropped
+from .protocol import Kind, RequestFailed
+
+log = logging.getLogger("peerkit.broker")
+
+#: Control envelopes (answers, queries, notices) a connection may have waiting beside its
+#: published messages before the broker gives the peer up as not reading.
+CONTROL_BACKLOG = 4096
+
+
+class Connection:
+    """One peer's connection (see the module docstring)."""
+
+    __slots__ = (
+        "close_reason",
+        "dropped_pending",
+        "dropped_total",
+        "goodbye",
+        "last_seen",
+        "last_sent",
+        "limit",
+        "msgs_in",
+        "msgs_out",
+        "out",
+        "peer_id",
+        "queued",
+        "scope",
+        "state",
+        "wakeup",
+        "ws",
+    )
+
+    def __init__(self, peer_id: str, ws: trio_websocket.WebSocketConnection, limit: int) -> None:
+        self.peer_id = peer_id
+        self.ws = ws
+        self.limit = limit
+        #: envelopes as (head, body, published messages): a control envelope is all head and
+        #: carries none; a PUB run's body is shared by every subscriber's queue
+        self.out: collections.deque[tuple[bytes, bytes, int]] = collections.deque()
+        self.queued = 0  # published messages in ``out``: at most ``limit``
+        self.wakeup = trio.Event()
+        self.dropped_pending = 0
+        self.dropped_total = 0
+        self.close_reason: str | None = None
+        self.goodbye: BrokerGoodbyeMsg | None = None
+        self.last_seen = trio.current_time()
+        self.last_sent = self.last_seen
+        self.scope = trio.CancelScope()
+        self.msgs_in = 0
+        self.msgs_out = 0
+        self.state = "connected"
+
+    # ------------------------------------------------------------------ queueing
+    def kick(self, reason: str) -> None:
+        """Close this connection (the first reason given is the one reported)."""
+        if self.close_reason is None:
+            self.close_reason = reason
+            log.warning("disconnecting %r: %s", self.peer_id, reason)
+        self.scope.cancel(reason=reason)
+
+    def push(self, data: bytes) -> None:
+        """Queue a control envelope. These are never dropped; a peer that lets more than
+        :data:`CONTROL_BACKLOG` of them (beside its published messages) pile up does not
+        read what it asked for, and is disconnected."""
+        out = self.out
+        out.append((data, b"", 0))
+        self.wakeup.set()
+        if len(out) > self.limit + CONTROL_BACKLOG:
+            self.kick(
+                f"it does not read the broker's answers ({len(out)} envelopes waiting; "
+                "a peer must keep reading its connection)"
+            )
+
+    def push_run(self, head: bytes, body: bytes, count: int) -> None:
+        """Queue a PUB envelope of ``count`` messages (the caller checked the room)."""
+        self.queued += count
+        self.out.append((head, body, count))
+        self.wakeup.set()
+
+    def lost(self, count: int) -> None:
+        """Count published messages that did not fit (reported in the next message)."""
+        self.dropped_pending += count
+        self.dropped_total += count
+        self.wakeup.set()
+
+    def next_frame(self, limit: int) -> bytes:
+        """Take what is queued into one WebSocket message (a loss report leads it)."""
+        parts: list[bytes] = []
+        if self.dropped_pending:
+            parts.append(control(Kind.DROPPED, MessagesDropped(count=self.dropped_pending)))
+            self.dropped_pending = 0
+        published = take_counted(self.out, limit, parts)
+        self.queued -= published
+        self.msgs_out += published
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    # ------------------------------------------------------------------ tasks
+    async def run(
+        self, dispatch: Callable[[Connection, Envelope], None], limit: int, grace_period: float
+    ) -> None:
+        """Read and write until the peer goes away or :meth:`kick` (returns either way)."""
+        with self.scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, limit)
+                await self._reader(dispatch, grace_period)
+                nursery.cancel_scope.cancel()
+
+    async def _writer(self, limit: int) -> None:
+        ws = self.ws
+        while True:
+            await self.wakeup.wait()
+            self.wakeup = trio.Event()
+            while self.out or self.dropped_pending:
+                try:
+                    await ws.send_message(self.next_frame(limit))
+                except trio_websocket.ConnectionClosed:
+                    return  # the reader sees it too
+                self.last_sent = trio.current_time()
+
+    async def _reader(self, dispatch: Callable[[Connection, Envelope], None], grace: float) -> None:
+        ws = self.ws
+        while True:
+            try:
+                frame = await ws.get_message()
+            except trio_websocket.ConnectionClosed:
+                return
+            self.last_seen = trio.current_time()
+            try:
+                for env in codec.iter_envelopes(frame):  # type: ignore[arg-type]
+                    dispatch(self, env)
+            except DecodeError as exc:
+                log.warning("bad frame from %r: %s", self.peer_id, exc)
+                self.push(control(Kind.ERROR, RequestFailed(code="bad_frame", detail=str(exc))))
+            if self.goodbye is not None and self.scope.deadline == math.inf:
+                # the peer closes after its goodbye; wait for that (bounded) rather than
+                # closing from both ends at once
+                self.scope.deadline = trio.current_time() + grace
