@@ -600,6 +600,20 @@ async def test_a_peer_error_is_shown_once(broker: Broker, nursery: trio.Nursery)
     assert running in ([], ["peerkit run: peer 'crasher' running"])
 
 
+@pytest.mark.parametrize("level", ["INFO", "WARNING"])
+async def test_launch_log_level_reaches_the_peer_processes(level: str, tmp_path: Path) -> None:
+    path = write_experiment(tmp_path, '[peers.sleeper]\nclass = "launchpeers:Sleeper"\n')
+    run_dir = tmp_path / "run"
+    with trio.fail_after(60):
+        result = await run_cli("launch", str(path), "--duration", "0.2", "--view", "log",
+                               "--run-dir", str(run_dir), "--log-level", level)  # fmt: skip
+    assert result.returncode == 0, result
+    log = (run_dir / "sleeper.log").read_text()
+    assert "peerkit run: peer 'sleeper' running" in log
+    # the peer process logs its start at INFO
+    assert ("INFO    launchpeers: sleeper: run directory" in log) == (level == "INFO")
+
+
 def test_the_command_leaves_the_root_logger_as_it_found_it(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
