@@ -621,3 +621,12 @@ def test_the_command_leaves_the_root_logger_as_it_found_it(
     before = (list(root.handlers), root.level)
     assert main(["peers", "--broker", f"ws://127.0.0.1:{closed_port()}"]) == 1
     assert (list(root.handlers), root.level) == before
+
+
+async def test_the_library_leaves_logging_to_the_application(broker: Broker) -> None:
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    with trio.fail_after(30):
+        async with ConfigServer(broker.url), Ticker(broker.url, "t") as peer:
+            await peer.wait_for_state(lambda p: p.is_running, 20)
+    assert (list(root.handlers), root.level) == before
