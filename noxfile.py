@@ -1,8 +1,11 @@
-"""Developer tasks for peerkit.
+"""Developer tasks for peerkit (``python -m pip install -e '.[dev]'`` installs nox).
 
-``nox`` runs the default sessions (tests, lint, typecheck, docs);
-``nox -s bench -- ARGS`` runs the benchmarks, which are never part of the default run.
-Arguments after ``--`` are passed on to pytest (``tests``) and to ``peerkit.bench`` (``bench``).
+``nox`` runs the default sessions: the tests on every supported Python found on this machine
+(``tests-3.11``, ``tests-3.12``, ``tests-3.13``; a version that is not installed is skipped,
+so a machine with only 3.11 runs the default set too), then lint, typecheck and docs once.
+``nox -s tests-3.12`` runs one version; ``nox -s bench -- ARGS`` runs the benchmarks, which
+are never part of the default run. Arguments after ``--`` are passed on to pytest (``tests``)
+and to ``peerkit.bench`` (``bench``).
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ from pathlib import Path
 
 import nox
 
+#: the oldest supported Python (pyproject's requires-python): lint, types, docs, bench
 PYTHON = "3.11"
+#: every Python the tests run on; keep in step with pyproject's classifiers
+TEST_PYTHONS = ["3.11", "3.12", "3.13"]
 ROOT = Path(__file__).parent
 
 # Lint targets. Directories that do not exist (yet) are skipped, because ruff
@@ -19,13 +25,16 @@ ROOT = Path(__file__).parent
 LINT_PATHS = ["peerkit", "tests", "examples", "noxfile.py", "docs/conf.py"]
 
 nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+# A Python that is not installed is skipped, not an error (nox makes it an error on CI by
+# default): CI images install every version of TEST_PYTHONS they mean to test.
+nox.options.error_on_missing_interpreters = False
 
 
 def _existing(paths: list[str]) -> list[str]:
     return [p for p in paths if (ROOT / p).exists()]
 
 
-@nox.session(python=PYTHON)
+@nox.session(python=TEST_PYTHONS)
 def tests(session: nox.Session) -> None:
     """Run the test suite (pytest; pass pytest arguments after ``--``)."""
     session.install("-e", ".[test]")

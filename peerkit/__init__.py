@@ -32,7 +32,23 @@ from .params import param
 from .peer import Peer, query_handler, subscribe
 from .states import CustomState, PeerState
 
-__version__ = "0.1.0"
+#: The installed distribution's version (``importlib.metadata``), read on first use so that
+#: importing peerkit does not pay for the metadata lookup.
+__version__: str
+
+
+def __getattr__(name: str) -> str:
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("peerkit")
+        except PackageNotFoundError:  # running from a source tree that was never installed
+            found = "0+unknown"
+        globals()["__version__"] = found
+        return found
+    raise AttributeError(f"module 'peerkit' has no attribute {name!r}")
+
 
 __all__ = [
     "Broker",

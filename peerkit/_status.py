@@ -1,20 +1,36 @@
-"""The launcher's status display (internal): a live table on a terminal, log lines elsewhere.
+"""Status displays (internal): the launcher's live view, and ``peerkit peers``' listing.
 
-Two implementations of one small interface: :class:`TerminalView` redraws a table in place
-with ANSI escapes and prints events above it; :class:`LogView` prints every event as a
-timestamped line and a one-line summary every ``summary_interval`` seconds, for output that
-is not a terminal (CI logs, files, pipes). Neither does any I/O but writing to its stream.
+The launcher's view has two implementations of one small interface: :class:`TerminalView`
+redraws a table in place with ANSI escapes and prints events above it; :class:`LogView` prints
+every event as a timestamped line and a one-line summary every ``summary_interval`` seconds,
+for output that is not a terminal (CI logs, files, pipes). Neither does any I/O but writing to
+its stream.
+
+:func:`peer_records` and :func:`peers_table` turn the broker's :class:`~peerkit.protocol.PeerInfo`
+records into ``peerkit peers --json`` and its table. Both read the message counts through one
+function, :func:`peer_counts`, so the table and the JSON cannot disagree on their direction.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 import attrs
 
-__all__ = ["LogView", "PeerRow", "StatusView", "TerminalView", "format_table"]
+from .protocol import PeerInfo
+
+__all__ = [
+    "LogView",
+    "PeerRow",
+    "StatusView",
+    "TerminalView",
+    "format_table",
+    "peer_counts",
+    "peer_records",
+    "peers_table",
+]
 
 
 @attrs.frozen
@@ -148,3 +164,65 @@ class LogView:
 
     def close(self) -> None:
         self.stream.flush()
+
+
+# ----------------------------------------------------------------------------- peerkit peers
+
+
+def peer_counts(info: PeerInfo) -> dict[str, int]:
+    """A peer's message counts, named from the peer's point of view.
+
+    ``sent``: messages it published (the broker's ``msgs_in``); ``received``: published
+    messages the broker delivered to it (``msgs_out``); ``queued``: published messages
+    waiting in the broker to go to it; ``dropped``: published messages meant for it that the
+    broker dropped.
+    """
+    return {
+        "sent": info.msgs_in,
+        "received": info.msgs_out,
+        "queued": info.queued,
+        "dropped": info.dropped,
+    }
+
+
+def peer_records(infos: Sequence[PeerInfo]) -> list[dict[str, Any]]:
+    """``peerkit peers --json``: one object per peer (the counts of :func:`peer_counts`)."""
+    return [
+        {
+            "peer_id": p.peer_id,
+            "state": p.state,
+            **peer_counts(p),
+            "subscriptions": list(p.subscriptions),
+            "query_handlers": list(p.query_handlers),
+        }
+        for p in infos
+    ]
+
+
+def peers_table(infos: Sequence[PeerInfo]) -> list[str]:
+    """``peerkit peers``' table: a line per peer, its subscriptions and handlers below it."""
+    if not infos:
+        return ["no peers connected"]
+    counts = [peer_counts(p) for p in infos]
+    keys = list(counts[0])
+    headers = ("PEER", "STATE", *(k.upper() for k in keys))
+    cells = [
+        (p.peer_id, p.state, *(str(c[k]) for k in keys)) for p, c in zip(infos, counts, strict=True)
+    ]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    numeric = range(2, len(headers))
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(widths[i]) if i in numeric else v.ljust(widths[i]) for i, v in enumerate(values)
+        ]
+        return "  ".join(parts).rstrip()
+
+    lines = [line(headers)]
+    for p, row in zip(infos, cells, strict=True):
+        lines.append(line(row))
+        if p.subscriptions:
+            lines.append(f"    subscribes to: {', '.join(p.subscriptions)}")
+        if p.query_handlers:
+            lines.append(f"    answers:       {', '.join(p.query_handlers)}")
+    return lines

@@ -1,28 +1,60 @@
 """The ``peerkit`` command (also ``python -m peerkit``).
 
 Subcommands: ``broker`` (serve a broker), ``run`` (run one peer), ``launch`` (run an
-experiment file), ``ctl`` (start, stop or close a peer) and ``peers`` (list the peers a broker
-knows). Exit status: 0 success, 1 failure, 2 usage or validation error.
+experiment file), ``ctl`` (start, stop or close a peer), ``peers`` (list the peers a broker
+knows) and ``completion`` (print a bash or zsh completion script). Exit status: 0 success,
+1 failure, 2 usage or validation error, 130 interrupted (Ctrl-C) before a peer was running.
+
+Everything a user can get wrong ends in **one line** on stderr naming the fix, in the words
+of the command line: the library's errors name Python keyword arguments (``token=``,
+``connect_timeout``), so :func:`_flags` rewrites them into flags (``--token``,
+``--connect-timeout``) here, where the two layers meet. A peer's own error is shown once:
+the library logs it (with its traceback) and ``run()`` raises it again, so the command's log
+handler lets each exception through once (:class:`_ShowOnce`) and the command prints only
+what was not shown already.
+
+Reaching the broker (``run``, ``ctl``, ``peers``) starts with a plain TCP connection to its
+address: a refused connection fails at once (a peer would retry for its whole
+``connect_timeout``, since a broker may be starting), unless ``--wait`` asks to keep trying.
+``--connect-timeout`` bounds the whole wait, including a server that accepts the connection
+but never answers the WebSocket handshake.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
+import math
 import os
+import re
 import signal
+import socket
 import sys
+import urllib.parse
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
+from ._completion import SHELLS, bash_script, zsh_script
+from ._status import peer_records, peers_table
 from .broker import Broker
 from .config import ConfigServer, ConfiguredPeer
-from .errors import PeerkitError
+from .errors import (
+    BrokerConnectError,
+    BrokerLostError,
+    DuplicatePeerId,
+    HandshakeRejected,
+    NoHandlerError,
+    PeerkitError,
+    QueryTimeout,
+)
 from .experiment import CONFIG_SERVER_ID, ExperimentError, import_class, load_experiment
 from .launch import LOG_FORMAT, Launcher
 from .messages import CONTROL_ACTIONS, OkMsg, PeerControlMessage
@@ -30,36 +62,223 @@ from .params import ConfigError, merge_overrides, parse_overrides
 from .peer import Peer
 from .protocol import BrokerInfo
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 DEFAULT_BROKER_URL = "ws://127.0.0.1:8765"
+#: how long reaching the broker may take when ``--connect-timeout`` is not given (without
+#: ``--wait``; with it, only the handshake after the broker accepted the connection)
+DEFAULT_CONNECT_TIMEOUT = 10.0
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _USAGE_ERROR = 2
+_INTERRUPTED = 130
+
+log = logging.getLogger("peerkit.cli")
 
 
 class _UsageError(Exception):
     """Bad command-line input: message printed, exit status 2."""
 
 
-def _broker_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+class _Failure(Exception):
+    """The command could not do its job (broker unreachable, port taken...): message
+    printed on one line, exit status 1."""
+
+
+# ============================================================================ the parser
+
+_MAIN_EPILOG = """\
+examples:
+  peerkit broker                     serve a broker on ws://127.0.0.1:8765
+  peerkit run mypeers:Amp --id amp   run one peer (mypeers.py in this directory)
+  peerkit peers                      list the peers the broker knows
+  peerkit ctl start amp              tell peer 'amp' to start
+  peerkit launch experiment.toml     broker, config server and peers from a file
+
+'peerkit COMMAND --help' describes each command. Shell completion:
+  eval "$(peerkit completion bash)"  (zsh too: see 'peerkit completion --help')
+"""
+
+_BROKER_DESCRIPTION = """\
+Serve a peerkit broker, and a config server (peer id 'config_server') for
+ConfiguredPeer classes, until Ctrl-C or SIGTERM; then shut both down cleanly
+(every peer is told). The first line printed is
+'peerkit broker listening on ws://HOST:PORT'."""
+
+_BROKER_EPILOG = """\
+examples:
+  peerkit broker                          on ws://127.0.0.1:8765, the default
+                                          of every other command's --broker
+  peerkit broker --port 0                 on any free port (the URL is printed)
+  peerkit broker --host 0.0.0.0 --token s3cret
+                                          reachable from other machines
+"""
+
+_RUN_DESCRIPTION = """\
+Run one peer (a peerkit.Peer subclass, imported from the current directory or
+the installed packages) until it finishes, Ctrl-C or SIGTERM (both shut it down
+cleanly). It prints a line when the peer is connected and one each time it is
+running. Exit status 0 when the peer finishes cleanly, 1 when it dies of an
+error or cannot reach the broker, 2 when the class cannot be imported or its
+configuration is wrong."""
+
+_RUN_EPILOG = """\
+examples:
+  peerkit run mypeers:Amplifier --id amp
+  peerkit run mypeers:Amplifier --id amp -p sampling_rate 1024 -f amp.toml
+  peerkit run mypeers:Filter --id filter --no-autostart --wait
+                                  (ready, waits for: peerkit ctl start filter)
+"""
+
+_LAUNCH_DESCRIPTION = """\
+Run an experiment: broker and config server in this process, the peers in
+dependency order, a live status view, and a clean shutdown on Ctrl-C/SIGTERM,
+at the end of --duration or when an essential peer fails. Exit status 0 on a
+clean run, 1 when a peer failed or was not ready in time, 2 for an invalid
+file."""
+
+_LAUNCH_EPILOG = """\
+examples:
+  peerkit launch examples/demo.toml --duration 10
+  peerkit launch examples/demo.toml --check      validate, print the start order
+  peerkit launch experiment.toml --view log --run-dir runs/today
+"""
+
+_CTL_DESCRIPTION = """\
+Send a PeerControlMessage to one peer and print its answer: 'start' moves it
+from ready to running, 'stop' from running to ready (a peer with autoshutdown,
+the default, then shuts down), 'close' shuts it down; any other action is passed
+to the peer's _control_action hook (see the peer states page of the docs)."""
+
+_CTL_EPILOG = """\
+examples:
+  peerkit ctl start amp
+  peerkit ctl calibrate amp          an action peer 'amp' defines
+  peerkit ctl close amp --broker ws://10.0.0.5:8765 --token s3cret
+"""
+
+_PEERS_DESCRIPTION = """\
+List the peers connected to a broker: state, message counts, subscriptions and
+query handlers. SENT is what a peer published, RECEIVED what the broker
+delivered to it, QUEUED what waits in the broker for it, DROPPED what the broker
+dropped because the peer was too slow (the same names in --json)."""
+
+_PEERS_EPILOG = """\
+examples:
+  peerkit peers
+  peerkit peers --json --broker ws://127.0.0.1:41483
+  peerkit peers --wait --connect-timeout 30      wait for the broker to come up
+"""
+
+_COMPLETION_DESCRIPTION = """\
+Print a completion script for bash or zsh: subcommands, options and their
+values (log levels, files, ctl actions) complete with TAB."""
+
+_COMPLETION_EPILOG = """\
+examples:
+  bash, for the current shell:  eval "$(peerkit completion bash)"
+  bash, for good:   peerkit completion bash \\
+                        > ~/.local/share/bash-completion/completions/peerkit
+  zsh:              peerkit completion zsh > ~/.zfunc/_peerkit
+                    (with fpath=(~/.zfunc $fpath) before compinit in ~/.zshrc)
+"""
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: reads the installed version only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "print peerkit's version and exit")
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        from . import __version__
+
+        print(f"{parser.prog} {__version__}")
+        parser.exit()
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"must be a port number 0..65535 (0 picks a free one), got {text!r}"
+        )
+    return value
+
+
+def _subparser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help: str,
+    description: str,
+    epilog: str,
+) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+
+
+def _connect_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("reaching the broker")
+    group.add_argument(
         "--broker",
         metavar="URL",
         default=os.environ.get("PEERKIT_BROKER", DEFAULT_BROKER_URL),
         help="the broker's URL (default: $PEERKIT_BROKER or %(default)s)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--token",
+        metavar="SECRET",
         default=os.environ.get("PEERKIT_TOKEN"),
-        help="the broker's shared secret (default: $PEERKIT_TOKEN)",
+        help="the broker's shared secret, if it has one (default: $PEERKIT_TOKEN)",
+    )
+    group.add_argument(
+        "--wait",
+        action="store_true",
+        help="if nothing listens at the broker's address yet, keep trying until it does "
+        "(by default the command fails at once)",
+    )
+    group.add_argument(
+        "--connect-timeout",
+        type=_seconds,
+        metavar="S",
+        help=f"give up when the broker has not answered within S seconds (default: "
+        f"{DEFAULT_CONNECT_TIMEOUT:g}; with --wait, no limit until it listens, then "
+        f"{DEFAULT_CONNECT_TIMEOUT:g})",
     )
 
 
-def _log_option(parser: argparse.ArgumentParser, default: str) -> None:
+def _log_option(parser: argparse.ArgumentParser, default: str, what: str) -> None:
     parser.add_argument(
         "--log-level",
-        default=default,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging level (default: %(default)s)",
+        choices=LOG_LEVELS,
+        default=os.environ.get("PEERKIT_LOG_LEVEL", default),
+        help=f"show {what} log records of this level and above "
+        f"(default: $PEERKIT_LOG_LEVEL or {default})",
     )
 
 
@@ -68,45 +287,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peerkit",
         description="peerkit: run brokers, peers and whole experiments.",
+        epilog=_MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser(
-        "broker",
-        help="serve a broker until Ctrl-C",
-        description="Serve a peerkit broker, and a config server (peer id 'config_server') "
-        "for ConfiguredPeer classes, until Ctrl-C or SIGTERM (then shut down cleanly: every "
-        "peer is told). The first line printed is 'peerkit broker listening on URL'.",
-        allow_abbrev=False,
+    p = _subparser(
+        sub, "broker", "serve a broker until Ctrl-C", _BROKER_DESCRIPTION, _BROKER_EPILOG
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument(
-        "--port", type=int, default=8765, help="port to bind, 0 for any free one (default: 8765)"
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; anything but loopback needs --token (default: %(default)s)",
+    )
+    p.add_argument(
+        "--port",
+        type=_port,
+        default=8765,
+        help="port to listen on, 0 for any free one (default: %(default)s)",
     )
     p.add_argument(
         "--token",
+        metavar="SECRET",
         default=os.environ.get("PEERKIT_TOKEN"),
-        help="shared secret peers must present; required to bind beyond loopback "
+        help="shared secret every peer must present; required to listen beyond loopback "
         "(default: $PEERKIT_TOKEN)",
     )
     p.add_argument(
         "--no-config-server",
         action="store_true",
-        help="do not run the config server (ConfiguredPeers then wait for another one)",
+        help="serve the broker alone, without a config server (ConfiguredPeers then wait "
+        "for one to appear)",
     )
-    _log_option(p, "WARNING")
+    _log_option(p, "WARNING", "the broker's and the config server's")
 
-    p = sub.add_parser(
-        "run",
-        help="run one peer",
-        description="Run one peer (a peerkit.Peer subclass) until it finishes, Ctrl-C or "
-        "SIGTERM. Exit status 0 when it finishes cleanly, 1 when it dies of an error.",
-        allow_abbrev=False,
+    p = _subparser(sub, "run", "run one peer", _RUN_DESCRIPTION, _RUN_EPILOG)
+    p.add_argument(
+        "target", metavar="MODULE:CLASS", help="the peer class to run, e.g. mypeers:Amplifier"
     )
-    p.add_argument("target", metavar="MODULE:CLASS", help="the peer class, e.g. mypeers:Amp")
-    _broker_option(p)
-    p.add_argument("--id", dest="peer_id", help="the peer id (default: generated)")
+    p.add_argument(
+        "--id", dest="peer_id", help="the peer's id (default: the class name and a random suffix)"
+    )
     p.add_argument(
         "--no-autostart",
         action="store_true",
@@ -115,54 +338,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--non-essential",
         action="store_true",
-        help="mark the peer non-essential (its failure does not stop an experiment)",
+        help="mark the peer non-essential: its failure does not stop an experiment",
     )
     p.add_argument(
         "--args-file",
         metavar="JSON",
-        help="constructor keyword arguments as a JSON object (written by peerkit launch); "
-        "the overrides below apply on top",
+        help="constructor keyword arguments as a JSON object (peerkit launch writes one); "
+        "the configuration overrides below apply on top",
     )
-    _log_option(p, "INFO")
+    _log_option(p, "INFO", "the peer's")
+    _connect_options(p)
     group = p.add_argument_group(
         "configuration overrides",
         "For ConfiguredPeer classes; each may be repeated, later ones win.",
     )
     for short, long, meta, text in (
-        ("-p", "--local-params", ("NAME", "VALUE"), "local parameter (parsed as declared)"),
+        ("-p", "--local-params", ("NAME", "VALUE"), "set a parameter (parsed as declared)"),
         ("-e", "--external-params", ("NAME", "SOURCE.PARAM"), "take it from another peer"),
         ("-c", "--config-sources", ("SOURCE", "PEER_ID"), "bind a config source to a peer"),
         ("-d", "--launch-dependencies", ("NAME", "PEER_ID"), "be ready only after PEER_ID"),
     ):
         group.add_argument(short, long, nargs=2, action="append", metavar=meta, help=text)
     group.add_argument(
-        "-f", "--config-file", action="append", metavar="FILE", help="TOML config file"
+        "-f", "--config-file", action="append", metavar="FILE", help="a TOML config file"
     )
 
-    p = sub.add_parser(
-        "launch",
-        help="run an experiment file",
-        description="Run an experiment: broker and config server in this process, the peers "
-        "in dependency order, a live status view, and a clean shutdown on Ctrl-C/SIGTERM, "
-        "at the end of --duration or when an essential peer fails. Exit status 0 on a "
-        "clean run, 1 when a peer failed or was not ready in time, 2 for an invalid file.",
-        allow_abbrev=False,
-    )
+    p = _subparser(sub, "launch", "run an experiment file", _LAUNCH_DESCRIPTION, _LAUNCH_EPILOG)
     p.add_argument("file", metavar="FILE", help="the experiment file (TOML)")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds of running")
     p.add_argument(
         "--inprocess", action="store_true", help="run every peer as a task in this process"
     )
     p.add_argument(
-        "--run-dir", metavar="DIR", help="where logs go (default: runs/<name>-<timestamp>)"
+        "--run-dir",
+        metavar="DIR",
+        help="where the logs and the peers' output go (default: runs/NAME-TIMESTAMP-PID)",
     )
-    p.add_argument("--ready-timeout", type=float, metavar="S", help="override the file's")
-    p.add_argument("--grace", type=float, metavar="S", help="grace period per peer at shutdown")
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        metavar="S",
+        help="seconds every peer has to get ready (default: the file's [launcher] value)",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        metavar="S",
+        help="seconds each peer has to shut down cleanly (default: the file's [launcher] value)",
+    )
     p.add_argument(
         "--view",
         choices=["auto", "terminal", "log"],
         default="auto",
-        help="live table (terminal) or log lines (default: table when output is a terminal)",
+        help="a live table (terminal) or log lines (log); auto picks the table when the "
+        "output is a terminal (default: auto)",
     )
     p.add_argument(
         "--tail",
@@ -172,32 +401,57 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the last N lines of each peer's log at the end (default: 3)",
     )
     p.add_argument("--check", action="store_true", help="validate the file and exit")
-
-    p = sub.add_parser(
-        "ctl",
-        help="start, stop or close a peer",
-        description="Send PeerControlMessage to one peer and print its answer.",
-        allow_abbrev=False,
-    )
     p.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=os.environ.get("PEERKIT_LOG_LEVEL"),
+        help="level of the records written to the run directory's logs, the launcher's "
+        "and every peer's (default: $PEERKIT_LOG_LEVEL or INFO)",
+    )
+
+    p = _subparser(sub, "ctl", "start, stop or close a peer", _CTL_DESCRIPTION, _CTL_EPILOG)
+    action = p.add_argument(
         "action",
         help=f"what the peer should do: {', '.join(CONTROL_ACTIONS)} or an action it defines",
     )
-    p.add_argument("peer_id", metavar="PEER_ID")
-    _broker_option(p)
-    p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="(default: 10)")
-
-    p = sub.add_parser(
-        "peers",
-        help="list the peers connected to a broker",
-        description="List the peers connected to a broker: state, message counts, "
-        "subscriptions and query handlers.",
-        allow_abbrev=False,
+    action.suggestions = CONTROL_ACTIONS  # type: ignore[attr-defined]  # for completion
+    p.add_argument("peer_id", metavar="PEER_ID", help="the peer to tell")
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for the peer's answer once connected (default: 10)",
     )
-    _broker_option(p)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="(default: 10)")
+    _log_option(p, "WARNING", "peerkit's")
+    _connect_options(p)
+
+    p = _subparser(
+        sub, "peers", "list the peers connected to a broker", _PEERS_DESCRIPTION, _PEERS_EPILOG
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for the broker's answer once connected (default: 10)",
+    )
+    _log_option(p, "WARNING", "peerkit's")
+    _connect_options(p)
+
+    p = _subparser(
+        sub,
+        "completion",
+        "print a shell completion script",
+        _COMPLETION_DESCRIPTION,
+        _COMPLETION_EPILOG,
+    )
+    p.add_argument("shell", choices=SHELLS, help="the shell to complete in")
     return parser
+
+
+# ============================================================================ entry point
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,38 +464,361 @@ def main(argv: Sequence[str] | None = None) -> int:
         "launch": _cmd_launch,
         "ctl": _cmd_ctl,
         "peers": _cmd_peers,
+        "completion": _cmd_completion,
     }[args.command]
     try:
+        _check_environment(args)
         return handler(args)
-    except _UsageError as exc:
-        print(f"peerkit {args.command}: {exc}", file=sys.stderr)
-        return _USAGE_ERROR
-    except KeyboardInterrupt:
-        return 130
+    except BaseException as exc:  # sorted below; anything else is re-raised
+        leaf = _single(exc)
+        if isinstance(leaf, _UsageError):
+            print(f"peerkit {args.command}: {leaf}", file=sys.stderr, flush=True)
+            return _USAGE_ERROR
+        if isinstance(leaf, _Failure):
+            _say_error(args.command, str(leaf))
+            return 1
+        if isinstance(leaf, KeyboardInterrupt):
+            return _INTERRUPTED
+        raise
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), format=LOG_FORMAT, stream=sys.stderr)
+def _say(command: str, text: str) -> None:
+    print(f"peerkit {command}: {text}", flush=True)
 
 
-def _error(command: str, exc: BaseException) -> int:
-    print(f"peerkit {command}: {type(exc).__name__}: {exc}", file=sys.stderr)
-    return 1
+def _say_error(command: str, text: str) -> None:
+    """One line on stderr, whatever the text holds."""
+    print(f"peerkit {command}: {' '.join(text.split())}", file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------- broker
+def _single(exc: BaseException) -> BaseException:
+    """The one error inside (nested) exception groups, leaving out Cancelled; ``exc``
+    itself when it is not a group or holds several."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for inner in e.exceptions:
+                walk(inner)
+        elif not isinstance(e, trio.Cancelled):
+            leaves.append(e)
+
+    walk(exc)
+    return leaves[0] if len(leaves) == 1 else exc
+
+
+def _check_environment(args: argparse.Namespace) -> None:
+    level = getattr(args, "log_level", None)
+    if level is not None and level not in LOG_LEVELS:  # from $PEERKIT_LOG_LEVEL
+        raise _UsageError(
+            f"$PEERKIT_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}"
+        )
+    url = getattr(args, "broker", None)
+    if url is not None:
+        _address(url)
+
+
+# ============================================================================ wording
+
+#: library wording -> command-line wording (applied in order)
+_FLAG_WORDS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\btoken='[^']*'"), "--token SECRET"),
+    (re.compile(r"\btoken=(?!\w)"), "--token"),
+    (re.compile(r"\bbind 127\.0\.0\.1\b"), "--host 127.0.0.1"),
+    (
+        re.compile(r"\bpass an ssl_context that trusts the broker's certificate"),
+        "make this machine trust the broker's certificate (e.g. SSL_CERT_FILE=ca.pem)",
+    ),
+    (re.compile(r"\bconnect_timeout\b"), "--connect-timeout"),
+    (re.compile(r"\bbroker_url\b"), "--broker"),
+    (re.compile(r"\bpeer_id\b"), "--id"),
+    (re.compile(r"^(host|port|token) must\b"), r"--\1 must"),
+)
+
+
+def _flags(text: str) -> str:
+    """A library message in command-line words: the Python keyword arguments it names
+    become the flags that set them (``token=`` -> ``--token``)."""
+    for pattern, replacement in _FLAG_WORDS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _address(url: str) -> tuple[str, int]:
+    """(host, port) of a broker URL, or a usage error naming ``--broker``."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("ws", "wss") or not parts.hostname or port == -1:
+        source = " (from $PEERKIT_BROKER)" if url == os.environ.get("PEERKIT_BROKER") else ""
+        raise _UsageError(
+            f"--broker must be a ws:// or wss:// URL such as {DEFAULT_BROKER_URL}, "
+            f"got {url!r}{source}"
+        )
+    return parts.hostname, port if port is not None else (443 if parts.scheme == "wss" else 80)
+
+
+def _reason(exc: OSError) -> str:
+    """Why a TCP connection failed, in a few words ('connection refused')."""
+    leaves: list[BaseException] = []
+    cause: BaseException | None = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        leaves = list(cause.exceptions)
+    elif cause is not None:
+        leaves = [cause]
+    leaves = leaves or [exc]
+    if all(isinstance(e, ConnectionRefusedError) for e in leaves):
+        return "connection refused"
+    first = leaves[0]
+    if isinstance(first, OSError) and first.strerror:
+        return first.strerror.lower()
+    return str(first)
+
+
+def _listen_error(exc: OSError, host: str, port: int) -> str:
+    where = f"cannot listen on {host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"{where}: the port is already in use (another broker?); stop that program, "
+            "or choose another port with --port N (--port 0 picks a free one)"
+        )
+    if exc.errno == errno.EACCES:
+        return (
+            f"{where}: permission denied; use a port above 1023 with --port N "
+            "(--port 0 picks a free one)"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        return (
+            f"{where}: {host!r} is not an address of this machine; check --host "
+            "(0.0.0.0 listens on every address, with --token)"
+        )
+    return f"{where}: {exc.strerror or exc}"
+
+
+# ============================================================================ logging
+
+
+class _ShowOnce(logging.Filter):
+    """Lets each exception reach the command's log output once.
+
+    The library logs a peer's failure with its traceback, logs the end of the peer naming
+    the error again, and ``run()`` raises it to the command. This filter passes the first
+    record carrying an exception (``exc_info``) and drops later records that carry or name
+    the same exception. Errors the command reports itself, on one line, are held back: the
+    connection errors (:data:`_QUIET`), and, while ``hide`` is set, every error and every
+    record of the ``peerkit.peer`` logger (the command is still connecting, or the peer is
+    the command's own, as in ``ctl`` and ``peers``: its lifecycle is not the user's
+    business). At ``--log-level DEBUG`` everything passes.
+    """
+
+    _QUIET = (BrokerConnectError, BrokerLostError, HandshakeRejected)
+    _PEER_LOGGER = "peerkit.peer"
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+        self.hide = False
+        self._seen: list[BaseException] = []
+        self._shown: list[BaseException] = []
+
+    def was_shown(self, exc: BaseException) -> bool:
+        """Whether a record carrying ``exc`` (and its traceback) was let through."""
+        return any(e is exc for e in self._shown)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.verbose:
+            return True
+        if self.hide and record.name.startswith(self._PEER_LOGGER):
+            if record.exc_info and record.exc_info[1] is not None:
+                self._seen.append(record.exc_info[1])
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            text = record.getMessage()
+            return not any(_names(text, e) for e in self._seen)
+        if any(e is exc for e in self._seen):
+            return False
+        self._seen.append(exc)
+        if self.hide or isinstance(exc, self._QUIET):
+            return False
+        self._shown.append(exc)
+        return True
+
+
+def _names(text: str, exc: BaseException) -> bool:
+    return repr(exc) in text or f"{type(exc).__name__}: {exc}" in text
+
+
+@contextlib.contextmanager
+def _logging(level: str) -> Iterator[_ShowOnce]:
+    """Log records of ``level`` and above to stderr while the command runs.
+
+    The command owns the process, so it configures the root logger (the library never
+    does); the handler is removed afterwards, so :func:`main` can be called again.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    once = _ShowOnce(verbose=level == "DEBUG")
+    handler.addFilter(once)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield once
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
+# ============================================================================ the broker
+
+
+@attrs.frozen
+class _Reach:
+    """How a command reaches its broker: ``--broker``, ``--wait``, ``--connect-timeout``."""
+
+    url: str
+    wait: bool
+    timeout: float | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> _Reach:
+        return cls(args.broker, args.wait, args.connect_timeout)
+
+    @property
+    def peer_timeout(self) -> float:
+        """The ``connect_timeout`` a peer of this command gets (the command's own deadline
+        is the one that matters; this one only has to be no shorter)."""
+        return self.timeout if self.timeout is not None else DEFAULT_CONNECT_TIMEOUT
+
+
+async def _listening(reach: _Reach, command: str) -> None:
+    """Return once something accepts TCP connections at the broker's address.
+
+    A refused connection is a :class:`_Failure` at once, or, with ``--wait``, the start of
+    a wait announced on one line.
+    """
+    host, port = _address(reach.url)
+    announced = False
+    delay = 0.05
+    while True:
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except socket.gaierror as exc:
+            raise _Failure(
+                f"cannot resolve {host!r}, the host of --broker {reach.url}: "
+                f"{exc.strerror or exc}; check the URL"
+            ) from None
+        except OSError as exc:
+            if not reach.wait:
+                raise _Failure(
+                    f"no broker at {reach.url} ({_reason(exc)}); start one with "
+                    "'peerkit broker', check --broker, or pass --wait to wait for it"
+                ) from None
+            if not announced:
+                limit = "" if reach.timeout is None else f" for up to {reach.timeout:g} s"
+                print(
+                    f"peerkit {command}: waiting{limit} for the broker at {reach.url} "
+                    f"({_reason(exc)}); Ctrl-C to give up",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                announced = True
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            continue
+        await trio.aclose_forcefully(stream)
+        return
+
+
+async def _run_quietly(peer: Peer) -> None:
+    """``peer.run()``; the error that ends it stays in ``peer.error``, for the command to
+    report once."""
+    with contextlib.suppress(Exception):
+        await peer.run()
+
+
+async def _start_peer(
+    nursery: trio.Nursery, peer: Peer, reach: _Reach, command: str, logs: _ShowOnce
+) -> None:
+    """Start ``peer`` in ``nursery``; return once it is connected, or raise :class:`_Failure`
+    saying why it is not, within the time ``reach`` allows."""
+    start = trio.current_time()
+    if reach.timeout is not None:
+        deadline = start + reach.timeout
+    elif reach.wait:
+        deadline = math.inf
+    else:
+        deadline = start + DEFAULT_CONNECT_TIMEOUT
+    hide, logs.hide = logs.hide, True
+    listening = False
+    with trio.move_on_at(deadline) as scope:
+        await _listening(reach, command)
+        listening = True
+        if reach.timeout is None:
+            scope.deadline = trio.current_time() + DEFAULT_CONNECT_TIMEOUT
+        nursery.start_soon(_run_quietly, peer)
+        with contextlib.suppress(PeerkitError):  # finished before it was connected
+            await peer.wait_for_state(lambda p: p.is_connected, math.inf)
+    limit = reach.timeout if reach.timeout is not None else DEFAULT_CONNECT_TIMEOUT
+    if scope.cancelled_caught:
+        await peer.async_shutdown()
+        if not listening:
+            raise _Failure(
+                f"no broker at {reach.url} within {limit:g} s; start one with 'peerkit "
+                "broker', check --broker, or raise --connect-timeout"
+            )
+        raise _Failure(
+            f"the server at {reach.url} accepted the connection but did not complete the "
+            f"peerkit handshake within {limit:g} s; is it a peerkit broker (check --broker)? "
+            "if it is only busy, raise --connect-timeout"
+        )
+    if not peer.is_connected:
+        raise _Failure(_connect_error(peer, reach))
+    logs.hide = hide
+
+
+def _connect_error(peer: Peer, reach: _Reach) -> str:
+    exc = peer.error
+    if isinstance(exc, DuplicatePeerId):
+        return (
+            f"the broker at {reach.url} already has a peer {peer.peer_id!r}; choose another "
+            "--id, or stop that peer first"
+        )
+    if isinstance(exc, HandshakeRejected) and exc.reason == "bad_token":
+        what = "refused the token" if peer.token else "requires a token"
+        return (
+            f"the broker at {reach.url} {what}; pass its shared secret with "
+            "--token SECRET or $PEERKIT_TOKEN"
+        )
+    if isinstance(exc, HandshakeRejected):
+        return f"the broker at {reach.url} refused the peer: {_flags(str(exc))}"
+    if exc is None:
+        return f"the peer was shut down before it connected to {reach.url}"
+    return f"cannot connect to the broker at {reach.url}: {_flags(str(exc))}"
+
+
+# ============================================================================ broker
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
     try:
         broker = Broker(args.host, args.port, token=args.token)
     except PeerkitError as exc:
-        raise _UsageError(str(exc)) from None
-    try:
-        trio.run(_serve_broker, broker, not args.no_config_server)
-    except OSError as exc:
-        return _error("broker", exc)
+        raise _UsageError(_flags(str(exc))) from None
+    with _logging(args.log_level):
+        try:
+            trio.run(_serve_broker, broker, not args.no_config_server)
+        except BaseException as exc:
+            leaf = _single(exc)
+            if isinstance(leaf, OSError):
+                raise _Failure(_listen_error(leaf, args.host, args.port)) from None
+            raise
     return 0
 
 
@@ -265,11 +842,17 @@ async def _serve_broker(broker: Broker, with_config_server: bool) -> None:
             nursery.cancel_scope.cancel()
 
 
-# ----------------------------------------------------------------------------- run
+# ============================================================================ run
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
+    reach = _Reach.from_args(args)
+    peer = _make_peer(args, reach)
+    with _logging(args.log_level) as logs:
+        return trio.run(_run_peer, peer, reach, logs)
+
+
+def _make_peer(args: argparse.Namespace, reach: _Reach) -> Peer:
     sys.path.insert(0, os.getcwd())
     try:
         cls = import_class(args.target)
@@ -298,6 +881,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             kwargs = merge_overrides(kwargs, parse_overrides(argv))
         except ConfigError as exc:
             raise _UsageError(str(exc)) from None
+    kwargs.setdefault("connect_timeout", reach.peer_timeout)
     try:
         peer = cls(
             args.broker,
@@ -308,48 +892,65 @@ def _cmd_run(args: argparse.Namespace) -> int:
             **kwargs,
         )
     except (PeerkitError, TypeError) as exc:
-        raise _UsageError(f"cannot create {args.target}: {exc}") from None
-    try:
-        trio.run(_run_peer, peer)
-    except Exception as exc:
-        return _error("run", exc)
-    return 0
+        raise _UsageError(f"cannot create {args.target}: {_flags(str(exc))}") from None
+    return peer
 
 
-async def _run_peer(peer: Peer) -> None:
+async def _run_peer(peer: Peer, reach: _Reach, logs: _ShowOnce) -> int:
+    connected = interrupted = False
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
-            async def on_signal() -> None:
+            async def on_signals() -> None:
+                nonlocal interrupted
                 async for signum in signals:
-                    logging.getLogger("peerkit.cli").info(
-                        "%s received, shutting down", signal.Signals(signum).name
-                    )
-                    nursery.start_soon(peer.async_shutdown)
+                    log.info("%s received, shutting down", signal.Signals(signum).name)
+                    if connected:
+                        nursery.start_soon(peer.async_shutdown)
+                    else:
+                        interrupted = True
+                        nursery.cancel_scope.cancel()
 
-            nursery.start_soon(on_signal)
-            error: Exception | None = None
-            try:
-                await peer.run()
-            except Exception as exc:
-                error = exc
+            nursery.start_soon(on_signals)
+            await _start_peer(nursery, peer, reach, "run", logs)
+            connected = True
+            _say("run", f"peer {peer.peer_id!r} connected to {reach.url}")
+            nursery.start_soon(_say_running, peer)
+            await peer.wait_finished()
             nursery.cancel_scope.cancel()
-    if error is not None:
-        raise error
+    if interrupted:
+        return _INTERRUPTED
+    error = peer.error
+    if error is None:
+        return 0
+    if isinstance(error, BrokerLostError):
+        _say_error("run", f"peer {peer.peer_id!r} lost the broker at {reach.url}: {error}")
+    elif not logs.was_shown(error):
+        _say_error("run", f"peer {peer.peer_id!r} failed: {type(error).__name__}: {error}")
+    return 1
 
 
-# ----------------------------------------------------------------------------- launch
+async def _say_running(peer: Peer) -> None:
+    with contextlib.suppress(PeerkitError):  # the peer finished
+        while True:
+            await peer.wait_for_state(lambda p: p.is_running, math.inf)
+            _say("run", f"peer {peer.peer_id!r} running")
+            await peer.wait_for_state(lambda p: not p.is_running, math.inf)
+
+
+# ============================================================================ launch
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
     try:
         experiment = load_experiment(args.file)
     except ExperimentError as exc:
-        print(f"peerkit launch: {exc}", file=sys.stderr)
-        return _USAGE_ERROR
+        raise _UsageError(str(exc)) from None
     if args.check:
         print(f"{args.file}: ok, start order: {', '.join(experiment.order)}")
         return 0
+    if args.log_level is not None:
+        os.environ["PEERKIT_LOG_LEVEL"] = args.log_level  # for the peer processes
     try:
         launcher = Launcher(
             experiment,
@@ -362,86 +963,102 @@ def _cmd_launch(args: argparse.Namespace) -> int:
             handle_signals=True,
             tail=args.tail,
             token=os.environ.get("PEERKIT_TOKEN"),
+            log_level=getattr(logging, args.log_level or "INFO"),
         )
     except PeerkitError as exc:
-        raise _UsageError(str(exc)) from None
+        raise _UsageError(_launch_flags(str(exc))) from None
     return trio.run(launcher.run)
 
 
-# ----------------------------------------------------------------------------- ctl / peers
+def _launch_flags(text: str) -> str:
+    for name, flag in (
+        ("duration", "--duration"),
+        ("ready_timeout", "--ready-timeout"),
+        ("grace_period", "--grace"),
+    ):
+        text = re.sub(rf"^{name} must\b", f"{flag} must", text)
+    return text
 
 
-def _cli_peer(args: argparse.Namespace, what: str) -> Peer:
+# ============================================================================ ctl / peers
+
+
+def _cli_peer(args: argparse.Namespace, what: str, reach: _Reach) -> Peer:
     return Peer(
         args.broker,
         f"peerkit-{what}-{uuid.uuid4().hex[:8]}",
         token=args.token,
-        connect_timeout=args.timeout,
+        connect_timeout=reach.peer_timeout,
         request_timeout=args.timeout,
     )
 
 
 def _cmd_ctl(args: argparse.Namespace) -> int:
-    async def ctl() -> OkMsg:
-        async with _cli_peer(args, "ctl") as peer:
-            msg = PeerControlMessage(peer_id=args.peer_id, action=args.action)
-            answer = await peer.ask_peer(args.peer_id, msg, timeout=args.timeout)
+    reach = _Reach.from_args(args)
+    peer = _cli_peer(args, "ctl", reach)
+
+    async def ctl(logs: _ShowOnce) -> OkMsg:
+        logs.hide = True  # the command's own peer: the command reports its errors
+        async with trio.open_nursery() as nursery:
+            await _start_peer(nursery, peer, reach, "ctl", logs)
+            try:
+                msg = PeerControlMessage(peer_id=args.peer_id, action=args.action)
+                answer = await peer.ask_peer(args.peer_id, msg, timeout=args.timeout)
+            except QueryTimeout:
+                raise _Failure(
+                    f"peer {args.peer_id!r} did not answer within {args.timeout:g} s; is it "
+                    "busy? raise --timeout to wait longer"
+                ) from None
+            except NoHandlerError as exc:
+                raise _Failure(f"{exc}; 'peerkit peers' lists the connected peers") from None
+            except PeerkitError as exc:
+                raise _Failure(_flags(str(peer.error or exc))) from None
+            finally:
+                await peer.async_shutdown()
         if not isinstance(answer, OkMsg):
-            raise PeerkitError(f"unexpected answer {answer!r}")
+            raise _Failure(f"peer {args.peer_id!r} answered {answer!r}, not OkMsg")
         return answer
 
-    try:
-        answer = trio.run(ctl)
-    except PeerkitError as exc:
-        return _error("ctl", exc)
+    with _logging(args.log_level) as logs:
+        answer = trio.run(ctl, logs)
     print(answer.detail or "ok")
     return 0
 
 
 def _cmd_peers(args: argparse.Namespace) -> int:
-    me = ""
+    reach = _Reach.from_args(args)
+    peer = _cli_peer(args, "peers", reach)
 
-    async def peers() -> BrokerInfo:
-        nonlocal me
-        async with _cli_peer(args, "peers") as peer:
-            me = peer.peer_id
-            return await peer.broker_info()
+    async def peers(logs: _ShowOnce) -> BrokerInfo:
+        logs.hide = True  # the command's own peer: the command reports its errors
+        async with trio.open_nursery() as nursery:
+            await _start_peer(nursery, peer, reach, "peers", logs)
+            try:
+                return await peer.broker_info()
+            except PeerkitError as exc:
+                raise _Failure(
+                    f"the broker at {reach.url} did not list its peers: "
+                    f"{_flags(str(peer.error or exc))}"
+                ) from None
+            finally:
+                await peer.async_shutdown()
 
-    try:
-        info = trio.run(peers)
-    except PeerkitError as exc:
-        return _error("peers", exc)
-    rows = [p for p in info.peers if p.peer_id != me]
+    with _logging(args.log_level) as logs:
+        info = trio.run(peers, logs)
+    rows = [p for p in info.peers if p.peer_id != peer.peer_id]  # not the command itself
     if args.json:
-        data = [
-            {
-                "peer_id": p.peer_id,
-                "state": p.state,
-                "subscriptions": p.subscriptions,
-                "query_handlers": p.query_handlers,
-                "msgs_in": p.msgs_in,
-                "msgs_out": p.msgs_out,
-                "queued": p.queued,
-                "dropped": p.dropped,
-            }
-            for p in rows
-        ]
-        print(json.dumps(data, indent=2))
-        return 0
-    if not rows:
-        print("no peers connected")
-        return 0
-    headers = ("PEER", "STATE", "SENT", "RECEIVED", "QUEUED", "DROPPED")
-    cells = [
-        (p.peer_id, p.state, str(p.msgs_in), str(p.msgs_out), str(p.queued), str(p.dropped))
-        for p in rows
-    ]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
-    for p, c in zip(rows, cells, strict=True):
-        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip())
-        if p.subscriptions:
-            print(f"    subscribes to: {', '.join(p.subscriptions)}")
-        if p.query_handlers:
-            print(f"    answers:       {', '.join(p.query_handlers)}")
+        print(json.dumps(peer_records(rows), indent=2))
+    else:
+        print("\n".join(peers_table(rows)))
+    return 0
+
+
+# ============================================================================ completion
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    from . import __version__
+
+    script = {"bash": bash_script, "zsh": zsh_script}[args.shell]
+    sys.stdout.write(script(build_parser(), __version__))
     return 0

@@ -267,7 +267,9 @@ async def test_connect_gives_up_with_clear_error(autojump_clock: trio.abc.Clock)
         assert peer.is_finished
 
 
-async def test_peer_started_before_broker_connects(nursery: trio.Nursery) -> None:
+async def test_peer_started_before_broker_connects(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
     with trio.fail_after(10):
         probe = trio.socket.socket()
         await probe.bind(("127.0.0.1", 0))
@@ -276,7 +278,9 @@ async def test_peer_started_before_broker_connects(nursery: trio.Nursery) -> Non
         peer = Peer(f"ws://127.0.0.1:{port}", "early")
         async with trio.open_nursery() as inner:
             inner.start_soon(peer.run)
-            await trio.sleep(0.2)  # the peer is retrying meanwhile
+            # virtual time: the peer's back-off sleeps pass at once, and every connection
+            # it tries is refused at once (loopback), so it has retried several times
+            await trio.sleep(0.5)
             assert peer.state is PeerState.initializing
             broker = Broker(port=port)
             await nursery.start(broker.run)

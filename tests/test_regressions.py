@@ -1,14 +1,21 @@
 """Regression tests for defects found in a review of the core runtime: startup failures,
 shutdown during startup, control messages racing the lifecycle, cancelled requests, concurrent
-subscriptions, broker errors and disconnect reasons."""
+subscriptions, broker errors and disconnect reasons.
+
+No test waits on the clock for something to happen: slow steps are gates the test opens, and
+"the broker has processed what this peer sent" is a round trip through the broker (it handles
+one connection's frames in order), so a later answer proves the earlier frames were handled.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import socket
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from peerkit import (
     Broker,
@@ -40,13 +47,27 @@ class _DeclaresHandler(Peer):
 
 
 class _SlowReady(Peer):
+    """Stays connected, not ready, until the test opens ``gate``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = trio.Event()
+
     async def _connections_established(self) -> None:
-        await trio.sleep(0.5)
+        await self.gate.wait()
 
 
 class _SlowStart(Peer):
+    """Its ``_start`` sets ``entered``, then waits until the test opens ``gate``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.entered = trio.Event()
+        self.gate = trio.Event()
+
     async def _start(self) -> None:
-        await trio.sleep(0.5)
+        self.entered.set()
+        await self.gate.wait()
 
 
 async def _run_quietly(
@@ -58,13 +79,15 @@ async def _run_quietly(
 
 async def test_review_startup_failure_leaves_zombie_connection(broker: Broker) -> None:
     with trio.fail_after(10):
+        second_left = trio.Event()
+        broker.on_peer_left = lambda pid, reason: pid == "second" and second_left.set()
         async with trio.open_nursery() as n:
             first = _DeclaresHandler(broker.url, "first")
             await n.start(first.run)
             second = _DeclaresHandler(broker.url, "second")
             with pytest.raises(PeerkitError):
                 await n.start(second.run)
-            await trio.sleep(0.3)
+            await second_left.wait()  # a zombie connection never leaves: fail_after says so
             # the failed peer must be gone from the broker: its id is free again
             assert "second" not in broker.peer_ids, "zombie connection"
             assert second.error is not None  # run() raised, but peer.error stays None
@@ -97,8 +120,17 @@ async def test_review_control_start_during_startup_kills_peer(broker: Broker) ->
             await n.start(ctl.run)
             peer = _SlowReady(broker.url, "p", autostart=False)
             await n.start(_run_quietly, peer)  # started once subscribed, still not ready
+            handled = trio.Event()
+            await peer.subscribe_for_all_msg_subtype(ReviewN, lambda m: handled.set())
             await ctl.send_message(PeerControlMessage(peer_id="p", action="start"))
-            await trio.sleep(0.2)
+            await ctl.send_message(ReviewN(n=0))
+            # handlers run one at a time in arrival order: the control message was handled
+            await handled.wait()
+            assert peer.error is None, peer.error
+            assert not peer.is_ready
+            peer.gate.set()
+            # the start asked for while getting ready applies once ready
+            await peer.wait_for_state(lambda p: p.is_running, 5)
             assert peer.error is None, peer.error
             await peer.async_shutdown()
             await ctl.async_shutdown()
@@ -124,7 +156,7 @@ async def test_review_cancelled_register_leaves_broker_registration(broker: Brok
             await n.start(a.run)
             with trio.move_on_after(0):
                 await a.register_query_handler(ReviewQ, lambda m: OkMsg(detail="a"))
-            await trio.sleep(0.2)
+            await a.broker_info()  # the broker has handled what `a` sent before
             at_broker = ReviewQ.message_type() in broker.routing.handlers_of("a")
             locally = ReviewQ.message_type() in a._queries.types
             assert at_broker == locally, (at_broker, locally)
@@ -138,7 +170,7 @@ async def test_review_cancelled_subscribe_leaves_broker_subscription(broker: Bro
             await n.start(a.run)
             with trio.move_on_after(0):
                 await a.subscribe_for_all_msg_subtype(ReviewN, lambda m: None)
-            await trio.sleep(0.2)
+            await a.broker_info()  # the broker has handled what `a` sent before
             assert broker.routing.subscriptions_of("a") == ["PeerControlMessage"]
             await a.async_shutdown()
 
@@ -178,7 +210,9 @@ async def test_review_run_after_early_shutdown(broker: Broker) -> None:
         with pytest.raises(PeerkitError) as info:
             await peer.run()
         assert not isinstance(info.value, InvalidStateTransition)
-        await trio.sleep(0.2)
+        # a hello sent on loopback is readable at once: had run() sent one, the broker's
+        # handler would have taken it in before every task is blocked again
+        await trio.testing.wait_all_tasks_blocked()
         assert "p" not in broker.peer_ids
 
 
@@ -188,10 +222,13 @@ async def test_review_stop_during_start_is_lost(broker: Broker) -> None:
             peer = _SlowStart(broker.url, "p", autostart=False, autoshutdown=False)
             await n.start(peer.run)
             await peer.wait_for_state(lambda p: p.is_ready, 5)
-            n.start_soon(peer.start)
-            await trio.sleep(0.1)
-            await peer.stop()
-            await trio.sleep(1)
+            async with trio.open_nursery() as calls:
+                calls.start_soon(peer.start)
+                await peer.entered.wait()  # start() is inside _start
+                calls.start_soon(peer.stop)
+                await trio.testing.wait_all_tasks_blocked()  # stop() waits or is done
+                peer.gate.set()
+            # start() and stop() have both returned: the stop was not lost
             assert not peer.is_running
             await peer.async_shutdown()
 
