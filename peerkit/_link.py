@@ -331,18 +331,28 @@ class Link:
                 "broker? (raise connect_timeout to wait longer)"
             )
         try:
-            await self._session(ws, task_status)
+            await self._session(ws, deadline, task_status)
         finally:
             with trio.move_on_after(self.grace_period) as cleanup:
                 cleanup.shield = True
                 await ws.aclose()
 
     async def _session(
-        self, ws: trio_websocket.WebSocketConnection, task_status: trio.TaskStatus[Welcome]
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        deadline: float,
+        task_status: trio.TaskStatus[Welcome],
     ) -> None:
         self._ws = ws
         try:
-            welcome, rest = await self._hello(ws)
+            with trio.move_on_at(deadline) as hello_scope:
+                welcome, rest = await self._hello(ws)
+            if hello_scope.cancelled_caught:
+                raise BrokerConnectError(
+                    f"the broker at {self.url} did not answer the peer's hello within "
+                    f"{self.connect_timeout} s; is it a peerkit broker? (raise "
+                    "connect_timeout to wait longer)"
+                )
             self.welcome = welcome
             self.max_message_size = welcome.max_message_size
             self.up = True

@@ -78,7 +78,7 @@ class Subscriptions:
         count = env.corr
         self.msgs_in += count
         if self._closed:  # shutting down: nothing will handle them, so they are lost
-            self._lose(count)
+            self.dropped_messages += count
             return
         body, kept = codec.fit_run(env.body, count, self.receive_queue_size - self._inbox_count)
         if kept < count:
@@ -129,9 +129,15 @@ class Subscriptions:
         lost = self._inbox_count
         self._inbox.clear()
         self._inbox_count = self._run_left = 0
+        self.report_drops()  # what was dropped before, with its own explanation
         if lost:
-            self._lose(lost)
-            self.report_drops()
+            self.dropped_messages += lost
+            log.info(
+                "peer %r is shutting down: %d messages that had arrived were not handled "
+                "(counted in peer.dropped_messages)",
+                self.peer_id,
+                lost,
+            )
 
     # ------------------------------------------------------------------ dispatch
     async def dispatcher(self) -> None:

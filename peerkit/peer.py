@@ -513,7 +513,7 @@ class Peer(StateMachine, OwnNursery):
             log.info(
                 "peer %r finished%s",
                 self.peer_id,
-                f" with error {self._error!r}" if self._error else "",
+                " after an error (logged above)" if self._error else "",
             )
         if self._error is not None:
             raise self._error

@@ -357,3 +357,27 @@ async def test_the_embedded_example_runs(capsys: pytest.CaptureFixture[str]) -> 
     assert "/echo answered 'ping'" in out
     assert 'listener got "hello through the app\'s port" from talker' in out
     assert "listener answered Sum(sender='listener', value=42)" in out
+
+
+async def test_a_server_that_never_answers_the_hello_fails_the_start_in_time(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A WebSocket server that accepts the connection but is no broker: the peer's start
+    fails within connect_timeout, naming the cause."""
+
+    async def mute(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # the hello, never answered
+        await trio.sleep_forever()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            server: trio_websocket.WebSocketServer = await nursery.start(
+                trio_websocket.serve_websocket, mute, "127.0.0.1", 0, None
+            )
+            start = trio.current_time()
+            peer = Peer(f"ws://127.0.0.1:{server.port}", "p", connect_timeout=3)
+            with pytest.raises(BrokerConnectError, match="did not answer the peer's hello"):
+                await peer.run()
+            assert trio.current_time() - start < 4
+            nursery.cancel_scope.cancel()
