@@ -37,6 +37,7 @@ class Connection:
     __slots__ = (
         "_seen_in",
         "_seen_out",
+        "base",
         "close_reason",
         "dropped_pending",
         "dropped_total",
@@ -79,7 +80,8 @@ class Connection:
         self.scope = trio.CancelScope()
         self.msgs_in = 0
         self.msgs_out = 0
-        self.state = "connected"
+        self.state = "initializing"  # as the peer reports it
+        self.base = ""  # the base state a custom ``state`` counts as
 
     # ------------------------------------------------------------------ queueing
     def kick(self, reason: str) -> None:

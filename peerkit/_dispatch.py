@@ -15,7 +15,7 @@ from ._batching import MAX_BATCH
 from ._connection import Connection
 from .codec import Envelope, control, envelope_head, pack_envelope
 from .errors import BrokerRequestError, DecodeError, MultiplePeersAvailable, NoHandlerError
-from .messages import BrokerGoodbyeMsg
+from .messages import BrokerGoodbyeMsg, PeerStateChanged
 from .protocol import PUB as _PUB
 from .protocol import (
     BrokerInfo,
@@ -28,6 +28,10 @@ from .protocol import (
 from .routing import RoutingTable
 
 log = logging.getLogger("peerkit.broker")
+
+_STATE_CHANGED = PeerStateChanged.message_type()
+#: longest state name a peer may report
+MAX_STATE_LEN = 100
 
 
 @attrs.define(eq=False)
@@ -85,9 +89,10 @@ class Dispatcher:
             try:
                 report = codec.decode_body(PeerStateReport, env.body)
                 assert isinstance(report, PeerStateReport)
-                conn.state = report.state
             except DecodeError as exc:
                 self._error(conn, "bad_state", str(exc))
+            else:
+                self.state_changed(conn, report.state, report.base or report.state)
         elif kind == Kind.GOODBYE:
             try:
                 goodbye = codec.decode_body(BrokerGoodbyeMsg, env.body, conn.peer_id)
@@ -97,6 +102,16 @@ class Dispatcher:
             conn.goodbye = goodbye
         else:
             self._error(conn, "unexpected", f"unexpected envelope kind {Kind(kind).name}")
+
+    def state_changed(self, conn: Connection, state: str, base: str) -> None:
+        """Note a peer's new state and publish the change (on the peer's behalf)."""
+        if len(state) > MAX_STATE_LEN or len(base) > MAX_STATE_LEN:
+            self._error(conn, "bad_state", f"a state name has at most {MAX_STATE_LEN} characters")
+            return
+        old, conn.state, conn.base = conn.state, state, base
+        if old != state:
+            event = PeerStateChanged(peer_id=conn.peer_id, old=old, new=state, base=base)
+            self.publish(conn.peer_id, _STATE_CHANGED, codec.encode_body(event))
 
     def publish(self, sender: str, msg_type: str, body: bytes, count: int = 1) -> None:
         """Deliver a run of ``count`` messages (one body if 1) to the subscribers.

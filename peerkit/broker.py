@@ -32,7 +32,7 @@ from ._dispatch import Dispatcher
 from ._util import OwnNursery, raise_single
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, control, pack_envelope
 from .errors import DecodeError, PeerkitError
-from .messages import BrokerShutdownMsg, PanickMsg, PeerLeft
+from .messages import BrokerShutdownMsg, PanickMsg, PeerJoined, PeerLeft
 from .protocol import (
     BrokerInfo,
     Hello,
@@ -46,6 +46,7 @@ from .routing import RoutingTable
 
 _PANICK_TYPE = PanickMsg.message_type()
 _PEER_LEFT_TYPE = PeerLeft.message_type()
+_PEER_JOINED_TYPE = PeerJoined.message_type()
 
 __all__ = ["BROKER_ID", "Broker"]
 
@@ -190,6 +191,7 @@ class Broker(OwnNursery):
                     msgs_in=c.msgs_in,
                     msgs_out=c.msgs_out,
                     state=c.state,
+                    base=c.base,
                 )
                 for c in sorted(self._conns.values(), key=lambda c: c.peer_id)
             ]
@@ -381,6 +383,7 @@ class Broker(OwnNursery):
             )
         )
         log.info("peer %r connected", pid)
+        self._dispatcher.publish(pid, _PEER_JOINED_TYPE, codec.encode_body(PeerJoined(peer_id=pid)))
         return conn
 
     async def _reject(
@@ -429,7 +432,9 @@ class Broker(OwnNursery):
         self._dispatcher.publish(
             conn.peer_id,
             _PEER_LEFT_TYPE,
-            codec.encode_body(PeerLeft(reason=reason, clean=conn.goodbye is not None)),
+            codec.encode_body(
+                PeerLeft(reason=reason, clean=conn.goodbye is not None, peer_id=conn.peer_id)
+            ),
         )
         if not self._conns:
             self._all_gone.set()

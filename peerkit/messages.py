@@ -42,8 +42,10 @@ __all__ = [
     "OkMsg",
     "PanickMsg",
     "PeerControlMessage",
+    "PeerJoined",
     "PeerLeft",
     "PeerReady",
+    "PeerStateChanged",
     "get_message_class",
     "message",
     "message_type_of",
@@ -372,11 +374,36 @@ class BrokerShutdownMsg(Message):
 class PeerLeft(Message):
     """Published by the broker, on behalf of a peer (``sender``), when it has left.
 
-    ``clean`` is true after a goodbye; ``reason`` says why it left.
+    ``clean`` is true after a goodbye; ``reason`` says why it left; ``peer_id`` is the
+    sender's id again (for subscribers that read the field rather than ``sender``).
     """
 
     reason: str
     clean: bool
+    peer_id: str = ""
+
+
+@message
+class PeerJoined(Message):
+    """Published by the broker, on behalf of a peer (``sender``), when it has connected
+    (``resumed`` when it came back after losing its connection: see "Failures and
+    recovery")."""
+
+    peer_id: str
+    resumed: bool = False
+
+
+@message
+class PeerStateChanged(Message):
+    """Published by the broker, on behalf of a peer (``sender``), for every change of
+    state the peer reports: ``old`` and ``new`` are state names (custom states included),
+    ``base`` the base state ``new`` counts as (``ready`` for a ``calibrating`` that counts
+    as ready)."""
+
+    peer_id: str
+    old: str
+    new: str
+    base: str = ""
 
 
 @message

@@ -40,7 +40,7 @@ from .protocol import (
     PeerStateReport,
     RequestFailed,
 )
-from .states import PeerState, State, StateMachine
+from .states import PeerState, State, StateMachine, base_state
 
 __all__ = ["Peer", "query_handler", "subscribe"]
 
@@ -346,7 +346,8 @@ class Peer(StateMachine, OwnNursery):
         if new is PeerState.shutting_down:
             self._subs.close()
         if self._link.up and new is not PeerState.finished:
-            self._link.push(control(Kind.STATE, PeerStateReport(state=str(new))))
+            report = PeerStateReport(state=str(new), base=str(base_state(new)))
+            self._link.push(control(Kind.STATE, report))
 
     async def wait_for_state(self, predicate: Callable[[Peer], bool], timeout: float) -> None:
         """Wait until ``predicate(peer)`` holds, e.g. ``lambda p: p.is_ready``.

@@ -119,6 +119,7 @@ class PeerInfo(Message):
     msgs_in: int = 0  #: messages this peer published
     msgs_out: int = 0  #: published messages the broker sent to this peer
     state: str = ""
+    base: str = ""  #: the base state ``state`` counts as (a custom state's)
 
 
 @message(type="peerkit.BrokerInfo")
@@ -128,6 +129,9 @@ class BrokerInfo(Message):
 
 @message(type="peerkit.PeerStateReport")
 class PeerStateReport(Message):
-    """A peer tells the broker its lifecycle state (for introspection only)."""
+    """A peer tells the broker its lifecycle state: the broker shows it and publishes a
+    :class:`~peerkit.messages.PeerStateChanged` for each change. ``base`` is the base state
+    a custom state counts as (empty: the state is a base state)."""
 
     state: str
+    base: str = ""
