@@ -262,18 +262,15 @@ async def test_the_page_shows_the_demo_live_and_drives_its_peers(
                 "the demo's peers, running, in the table",
             )
             assert dashboard.bridges == 1
-            # the trace moves: new samples arrive and the plot's time axis follows them
-            first = await page.wait_for(
-                "(window.peerkitDashboard.trace?.received > 5 && window.peerkitDashboard.draws > 3)"
-                " && [window.peerkitDashboard.trace.lastSampleTime,"
-                " window.peerkitDashboard.trace.plot.scales.x.max]",
-                "a first chunk plotted",
+            # the trace moves: new samples reach the plot, its time axis follows them
+            plotted = (
+                "(() => { const d = window.peerkitDashboard; const xs = d.trace?.plot?.data[0];"
+                " return xs && xs.length > 0 && d.draws > 3"
+                " && [xs[xs.length - 1], d.trace.plot.scales.x.max]; })()"
             )
+            first = await page.wait_for(plotted, "a first chunk plotted")
             later = await page.wait_for(
-                f"window.peerkitDashboard.trace.lastSampleTime > {first[0] + 0.25}"
-                " && [window.peerkitDashboard.trace.lastSampleTime,"
-                " window.peerkitDashboard.trace.plot.scales.x.max]",
-                "the trace moving",
+                f"(({plotted}) || [0])[0] > {first[0] + 0.25} && {plotted}", "the trace moving"
             )
             assert later[1] > first[1]
             drawn = await page.evaluate(
