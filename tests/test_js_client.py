@@ -306,3 +306,21 @@ async def test_a_wrong_hello_is_rejected_in_json(json_url: str) -> None:
             assert reject["body"]["reason"] == "bad_token"
             with pytest.raises(trio_websocket.ConnectionClosed):
                 await ws.get_message()
+
+
+def test_client_values_in_node() -> None:
+    """toWire/fromWire/decodeSamples on their own (tests/js/values.test.mjs)."""
+    node = shutil.which("node")
+    if node is None:
+        if os.environ.get("CI"):
+            pytest.fail("node is not installed; CI must run the JavaScript client's tests")
+        pytest.skip("node is not installed (the JavaScript client's tests need Node >= 18)")
+    done = subprocess.run(
+        [node, "--test", str(JS_DIR / "values.test.mjs")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "# fail 0" in done.stdout
