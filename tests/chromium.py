@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator
@@ -96,7 +98,10 @@ class Chromium:
         if session is not None:
             message["sessionId"] = session
         await self.ws.send_message(json.dumps(message))
-        answer = await receive.receive()
+        try:
+            answer = await receive.receive()
+        except trio.EndOfChannel:
+            raise PageError(f"{method}: the browser closed the connection") from None
         if "error" in answer:
             raise PageError(f"{method}: {answer['error']}")
         result: dict[str, Any] = answer["result"]
@@ -107,6 +112,9 @@ class Chromium:
             try:
                 message = json.loads(await self.ws.get_message())
             except trio_websocket.ConnectionClosed:
+                for waiter in self._waiting.values():
+                    waiter.close()
+                self._waiting.clear()
                 return
             waiter = self._waiting.pop(message.get("id", -1), None)
             if waiter is not None:
@@ -134,7 +142,10 @@ class Chromium:
 async def chromium() -> AsyncIterator[Chromium]:
     """Start headless Chromium (skipped if missing) and connect to its DevTools."""
     executable = chromium_or_skip()
-    with tempfile.TemporaryDirectory(prefix="peerkit-chromium-") as profile:
+    # (Chromium's helper processes may still write to the profile as it is removed)
+    with tempfile.TemporaryDirectory(
+        prefix="peerkit-chromium-", ignore_cleanup_errors=True
+    ) as profile:
         args = [
             executable,
             "--headless",
@@ -149,7 +160,10 @@ async def chromium() -> AsyncIterator[Chromium]:
         ]
         async with trio.open_nursery() as nursery:
             process = await trio.lowlevel.open_process(
-                args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                args,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # its helpers end with it (killpg below)
             )
             try:
                 assert process.stderr is not None
@@ -172,9 +186,15 @@ async def chromium() -> AsyncIterator[Chromium]:
                 finally:
                     with trio.move_on_after(5) as cs:
                         cs.shield = True
+                        with contextlib.suppress(PageError, trio_websocket.ConnectionClosed):
+                            await browser.send("Browser.close")
+                        await process.wait()
+                    with trio.move_on_after(5) as cs:
+                        cs.shield = True
                         await ws.aclose()
             finally:
-                process.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
                 with trio.CancelScope(shield=True):
                     await process.wait()
                 nursery.cancel_scope.cancel()

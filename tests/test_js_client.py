@@ -56,7 +56,7 @@ def node_or_skip() -> str:
     return node
 
 
-@message(type="PySample")
+@message(type="jstest.PySample")
 class PySample(Message):
     seq: int
     text: str
@@ -66,7 +66,7 @@ class PySample(Message):
     nan: float
 
 
-@message(type="JsEcho")
+@message(type="jstest.JsEcho")
 class JsEcho(Message):
     seq: int
     text: str
@@ -76,51 +76,51 @@ class JsEcho(Message):
     nan: float
 
 
-@message(type="JsReady")
+@message(type="jstest.JsReady")
 class JsReady(Message):
     pass
 
 
-@message(type="PyDone")
+@message(type="jstest.PyDone")
 class PyDone(Message):
     pass
 
 
-@message(type="JsBye")
+@message(type="jstest.JsBye")
 class JsBye(Message):
     note: str
 
 
-@message(type="Double")
+@message(type="jstest.Double")
 class Double(Message):
     value: float
     data: bytes
 
 
-@message(type="Doubled")
+@message(type="jstest.Doubled")
 class Doubled(Message):
     value: float
     data: bytes
 
 
-@message(type="Reverse")
+@message(type="jstest.Reverse")
 class Reverse(Message):
     text: str
     data: bytes
 
 
-@message(type="Reversed")
+@message(type="jstest.Reversed")
 class Reversed(Message):
     text: str
     data: bytes
 
 
-@message(type="Fail")
+@message(type="jstest.Fail")
 class Fail(Message):
     pass
 
 
-@message(type="Slow")
+@message(type="jstest.Slow")
 class Slow(Message):
     pass
 

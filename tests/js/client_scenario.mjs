@@ -56,28 +56,28 @@ async function main() {
   // Python → JS: every PySample comes back as a JsEcho with the same fields
   const samples = [];
   await peer.subscribe(
-    "PySample",
+    "jstest.PySample",
     (msg) => {
       samples.push(msg);
-      peer.publish("JsEcho", msg.fields);
+      peer.publish("jstest.JsEcho", msg.fields);
     },
     { sender: "py" },
   );
   // Python asks, JS answers (and fails on purpose for "boom")
-  await peer.registerQueryHandler("Reverse", async (msg) => {
+  await peer.registerQueryHandler("jstest.Reverse", async (msg) => {
     if (msg.fields.text === "boom") throw new RangeError("no boom here");
     return {
-      type: "Reversed",
+      type: "jstest.Reversed",
       fields: { text: [...msg.fields.text].reverse().join(""), data: msg.fields.data.slice().reverse() },
     };
   });
   peer.setState("custom-ready");
-  peer.publish("JsReady", {});
+  peer.publish("jstest.JsReady", {});
   step("ready");
 
   // Python publishes, queries and says PyDone when it has checked everything
   let done = false;
-  await peer.subscribe("PyDone", () => {
+  await peer.subscribe("jstest.PyDone", () => {
     done = true;
   });
   await waitFor(() => done, "PyDone from the Python peer", 20);
@@ -91,30 +91,30 @@ async function main() {
   step("python-to-js");
 
   // JS asks Python
-  const doubled = await peer.query("Double", { value: 21, data: new Uint8Array([1, 2, 3]) });
-  assert.equal(doubled.type, "Doubled");
+  const doubled = await peer.query("jstest.Double", { value: 21, data: new Uint8Array([1, 2, 3]) });
+  assert.equal(doubled.type, "jstest.Doubled");
   assert.equal(doubled.sender, "py");
   assert.equal(doubled.fields.value, 42);
   assert.deepEqual([...doubled.fields.data], [1, 2, 3, 1, 2, 3]);
-  const asked = await peer.askPeer("py", "Double", { value: 0.5, data: new Float32Array([1]) });
+  const asked = await peer.askPeer("py", "jstest.Double", { value: 0.5, data: new Float32Array([1]) });
   assert.equal(asked.fields.value, 1);
-  await assert.rejects(peer.query("Nobody", {}), (err) => {
+  await assert.rejects(peer.query("jstest.Nobody", {}), (err) => {
     assert.ok(err instanceof QueryError);
     assert.equal(err.code, "no_handler");
     return true;
   });
-  await assert.rejects(peer.query("Double", { value: "not a number", data: new Uint8Array() }), (err) => {
+  await assert.rejects(peer.query("jstest.Double", { value: "not a number", data: new Uint8Array() }), (err) => {
     assert.equal(err.code, "bad_request");
-    assert.match(err.message, /invalid message 'Double' from 'js'.*value/);
+    assert.match(err.message, /invalid message 'jstest.Double' from 'js'.*value/);
     return true;
   });
-  await assert.rejects(peer.query("Fail", {}), (err) => {
+  await assert.rejects(peer.query("jstest.Fail", {}), (err) => {
     assert.equal(err.code, "remote_error");
     assert.equal(err.errorType, "ValueError");
     assert.equal(err.peerId, "py");
     return true;
   });
-  await assert.rejects(peer.query("Slow", {}, { timeout: 0.2 }), (err) => {
+  await assert.rejects(peer.query("jstest.Slow", {}, { timeout: 0.2 }), (err) => {
     assert.ok(err instanceof QueryTimeout);
     return true;
   });
@@ -132,16 +132,16 @@ async function main() {
   const info = await peer.info();
   const me = info.peers.find((p) => p.peer_id === "js");
   assert.equal(me.state, "custom-ready");
-  assert.ok(info.peers.find((p) => p.peer_id === "py").query_handlers.includes("Double"));
+  assert.ok(info.peers.find((p) => p.peer_id === "py").query_handlers.includes("jstest.Double"));
   step("info");
 
   // idle for longer than the heartbeat timeout: the heartbeats keep it connected
   const timeout = peer.welcome.heartbeat_timeout;
   await new Promise((resolve) => setTimeout(resolve, timeout * 1500));
-  assert.equal((await peer.query("Double", { value: 1, data: new Uint8Array() })).fields.value, 2);
+  assert.equal((await peer.query("jstest.Double", { value: 1, data: new Uint8Array() })).fields.value, 2);
   step("heartbeats");
 
-  peer.publish("JsBye", { note: "closing" });
+  peer.publish("jstest.JsBye", { note: "closing" });
   await peer.close();
   assert.equal(await peer.closed, null);
   assert.deepEqual(errors, []);
