@@ -38,10 +38,11 @@ An unknown tag is an error. Message bodies go through the same strict decoding a
 receiving peer as msgpack ones (types, missing and unknown fields).
 
 The broker's part (see ``docs/browser.rst``): at the WebSocket handshake it accepts
-:data:`SUBPROTOCOL` when the client proposes it; on such a connection its reader turns each
-text message into a frame with :func:`json_to_frame` before its usual envelope handling (a
-:class:`~peerkit.errors.DecodeError` is answered as for a malformed msgpack frame), and its
-writer sends each outgoing frame as one text message made by :func:`frame_to_json`.
+:data:`SUBPROTOCOL` when the client proposes it (:func:`choose_subprotocol`); on such a
+connection its reader turns each text message into a frame with :func:`json_to_frame`
+before its usual envelope handling (a :class:`~peerkit.errors.DecodeError` is answered as
+for a malformed msgpack frame), and its writer sends each outgoing frame as one text
+message made by :func:`frame_to_json`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ __all__ = [
     "BodyError",
     "body_from_json",
     "body_to_json",
+    "choose_subprotocol",
     "envelopes_to_frame",
     "frame_objects",
     "frame_to_json",
@@ -101,6 +103,13 @@ _NO_BODY = frozenset(
 )
 
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def choose_subprotocol(proposed: Iterable[str]) -> str | None:
+    """The subprotocol a server accepts from a client that proposed ``proposed``:
+    :data:`SUBPROTOCOL` when it is among them, else None (binary msgpack, the default; a
+    browser that asked for another one, say a later version, then fails to connect)."""
+    return SUBPROTOCOL if SUBPROTOCOL in proposed else None
 
 
 class BodyError(ValueError):

@@ -46,6 +46,9 @@ class Everything(Message):
 
 def test_subprotocol_names_the_protocol_version() -> None:
     assert f"peerkit.json.v{PROTOCOL_VERSION}" == jw.SUBPROTOCOL
+    assert jw.choose_subprotocol(["chat", jw.SUBPROTOCOL]) == jw.SUBPROTOCOL
+    assert jw.choose_subprotocol([]) is None
+    assert jw.choose_subprotocol(["peerkit.json.v999"]) is None
 
 
 # --------------------------------------------------------------------------- values
