@@ -458,8 +458,18 @@ export class Peer {
     if (typeof handler !== "function") {
       throw new PeerkitError("registerQueryHandler(type, handler): handler must be a function");
     }
-    await this._request({ kind: "REG", body: { msg_type: type, policy } }, `register ${type} handler`);
+    // in place before the broker's answer: a query may arrive in the same message as it
+    const previous = this._queryHandlers.get(type);
     this._queryHandlers.set(type, handler);
+    try {
+      await this._request({ kind: "REG", body: { msg_type: type, policy } }, `register ${type} handler`);
+    } catch (err) {
+      if (this._queryHandlers.get(type) === handler) {
+        if (previous === undefined) this._queryHandlers.delete(type);
+        else this._queryHandlers.set(type, previous);
+      }
+      throw err;
+    }
   }
 
   /** Stop answering `type` queries. */

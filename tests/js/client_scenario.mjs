@@ -13,6 +13,7 @@ import {
   HandshakeRejected,
   QueryError,
   QueryTimeout,
+  RequestError,
   SUBPROTOCOL,
 } from "../../peerkit/static/peerkit.js";
 
@@ -118,6 +119,13 @@ async function main() {
     assert.ok(err instanceof QueryTimeout);
     return true;
   });
+  // a second handler for an exclusive type is refused, and leaves nothing behind
+  await assert.rejects(peer.registerQueryHandler("jstest.Double", () => ({ type: "x", fields: {} })), (err) => {
+    assert.ok(err instanceof RequestError, String(err));
+    assert.equal(err.code, "already_registered");
+    return true;
+  });
+  assert.equal(peer._queryHandlers.has("jstest.Double"), false);
   step("js-to-python");
 
   // the broker's clock, over this connection
