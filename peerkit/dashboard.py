@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hmac
 import importlib.resources
 import ipaddress
@@ -130,6 +131,7 @@ class Dashboard(OwnNursery):
         self.max_message_size = max_message_size
         self._port = port
         self._listening = False
+        self._started = False
         self._stop = trio.Event()
         #: bridges open now (one per page)
         self.bridges = 0
@@ -153,6 +155,9 @@ class Dashboard(OwnNursery):
         self, *, task_status: trio.TaskStatus[Dashboard] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve until :meth:`stop` or cancellation."""
+        if self._started:
+            raise PeerkitError("Dashboard.run() can be called only once; create a new Dashboard")
+        self._started = True
         try:
             from hypercorn.config import Config
             from hypercorn.trio import serve
@@ -168,24 +173,22 @@ class Dashboard(OwnNursery):
         config.websocket_max_message_size = 2 * ws_max_frame(self.max_message_size)
         config.graceful_timeout = 1.0
 
-        async def started(binds: list[str]) -> None:
-            self._port = urllib.parse.urlsplit(binds[0]).port or self._port
-            self._listening = True
-            log.info("dashboard on %s (broker %s)", self.url, self.broker_url)
-            task_status.started(self)
-
-        async with trio.open_nursery() as nursery:
-            binds: list[str] = await nursery.start(
-                lambda task_status: serve(
-                    self,  # type: ignore[arg-type]
-                    config,
-                    shutdown_trigger=self._stop.wait,
-                    task_status=task_status,
-                    mode="asgi",
-                )
-            )
-            await started(binds)
-        self._listening = False
+        serving = functools.partial(
+            serve,
+            self,  # type: ignore[arg-type]
+            config,
+            shutdown_trigger=self._stop.wait,
+            mode="asgi",
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                binds: list[str] = await nursery.start(serving)
+                self._port = urllib.parse.urlsplit(binds[0]).port or self._port
+                self._listening = True
+                log.info("dashboard on %s (broker %s)", self.url, self.broker_url)
+                task_status.started(self)
+        finally:
+            self._listening = False
 
     def stop(self) -> None:
         """Stop serving (open pages lose their connection)."""

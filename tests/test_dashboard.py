@@ -308,3 +308,13 @@ async def test_the_page_shows_the_demo_live_and_drives_its_peers(
                 states = {p.peer_id: p.state for p in (await observer.broker_info()).peers}
             assert states.get("recorder", "left") != "running"
             assert states["amplifier"] == "running"
+
+
+async def test_a_dashboard_runs_once(broker: Broker, autojump_clock: trio.abc.Clock) -> None:
+    dashboard = Dashboard(broker.url)
+    with trio.fail_after(10):
+        async with dashboard:
+            with pytest.raises(PeerkitError, match="can be called only once"):
+                await dashboard.run()
+    with pytest.raises(PeerkitError, match="not listening yet"):
+        dashboard.url  # noqa: B018
