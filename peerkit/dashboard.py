@@ -31,7 +31,9 @@ import hmac
 import importlib.resources
 import ipaddress
 import logging
+import os
 import re
+import signal
 import ssl
 import sys
 import time
@@ -51,7 +53,7 @@ from .codec import DEFAULT_MAX_MESSAGE_SIZE, control, pack_envelope
 from .errors import DecodeError, PeerkitError
 from .protocol import KIND_VALUES, Kind, RequestFailed, Welcome
 
-__all__ = ["Dashboard", "dashboard_main"]
+__all__ = ["Dashboard", "add_arguments", "dashboard_command", "dashboard_main"]
 
 log = logging.getLogger("peerkit.dashboard")
 
@@ -452,14 +454,8 @@ async def _respond(send: Send, status: int, body: bytes, content_type: str) -> N
 # ----------------------------------------------------------------------------- command
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The arguments of ``peerkit dashboard``."""
-    parser = argparse.ArgumentParser(
-        prog="peerkit dashboard",
-        description="Serve the live dashboard of a broker's peers (a web page) until Ctrl-C. "
-        "The first line printed is 'peerkit dashboard on URL'.",
-        allow_abbrev=False,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``peerkit dashboard`` (for the ``peerkit`` command's subparser)."""
     parser.add_argument("--broker", metavar="URL", required=True, help="the broker's ws:// URL")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
@@ -469,23 +465,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--token",
-        default=None,
+        default=os.environ.get("PEERKIT_TOKEN"),
         help="the broker's shared secret; required to bind beyond loopback "
         "(default: $PEERKIT_TOKEN)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The arguments of ``peerkit dashboard``."""
+    parser = argparse.ArgumentParser(
+        prog="peerkit dashboard", description=DESCRIPTION, allow_abbrev=False
+    )
+    add_arguments(parser)
     return parser
+
+
+#: What ``peerkit dashboard --help`` says first.
+DESCRIPTION = (
+    "Serve the live dashboard of a broker's peers (a web page) until Ctrl-C or SIGTERM. "
+    "The first line printed is 'peerkit dashboard on URL'."
+)
 
 
 def dashboard_main(argv: Sequence[str] | None = None) -> int:
     """``peerkit dashboard``: serve the dashboard until Ctrl-C; returns the exit status."""
-    import os
-    import signal
+    return dashboard_command(build_parser().parse_args(argv))
 
-    args = build_parser().parse_args(argv)
-    token = args.token if args.token is not None else os.environ.get("PEERKIT_TOKEN")
+
+def dashboard_command(args: argparse.Namespace) -> int:
+    """Run ``peerkit dashboard`` with parsed arguments (see :func:`add_arguments`)."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
-        dashboard = Dashboard(args.broker, args.host, args.port, token=token)
+        dashboard = Dashboard(args.broker, args.host, args.port, token=args.token)
     except PeerkitError as exc:
         print(f"peerkit dashboard: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,9 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -215,6 +218,35 @@ def test_the_command_refuses_an_exposed_dashboard_without_token(
     assert "pass the broker's token" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         dashboard_main([])  # --broker is required
+
+
+async def test_the_command_serves_until_interrupted(broker: Broker) -> None:
+    """``peerkit dashboard``: as the ``peerkit`` command will run it, from its subparser."""
+    script = (
+        "import argparse, sys\n"
+        "from peerkit.dashboard import add_arguments, dashboard_command\n"
+        "parser = argparse.ArgumentParser(prog='peerkit')\n"
+        "sub = parser.add_subparsers(dest='command', required=True)\n"
+        "add_arguments(sub.add_parser('dashboard'))\n"
+        "sys.exit(dashboard_command(parser.parse_args(sys.argv[1:])))\n"
+    )
+    with trio.fail_after(30):
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-c", script, "dashboard", "--broker", broker.url, "--port", "0"],
+            stdout=subprocess.PIPE,
+        )
+        assert process.stdout is not None
+        out = b""
+        while b"\n" not in out:
+            chunk = await process.stdout.receive_some(1024)
+            assert chunk, "the command ended before printing its address"
+            out += chunk
+        line = out.decode().splitlines()[0]
+        assert line.startswith("peerkit dashboard on http://127.0.0.1:")
+        port = int(line.rsplit(":", 1)[1].strip("/"))
+        assert (await http_get(port, "/"))[0] == 200
+        process.send_signal(signal.SIGINT)
+        assert await process.wait() == 0
 
 
 # ----------------------------------------------------------------------------- the page
