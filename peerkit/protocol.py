@@ -56,6 +56,7 @@ class Kind(enum.IntEnum):
     ERROR = 19  #: broker → peer: something the peer sent was refused; body :class:`RequestFailed`
     INFO = 20  #: introspection request to the broker (corr) → REPLY with :class:`BrokerInfo`
     STATE = 21  #: peer → broker: lifecycle state report; body :class:`PeerStateReport`
+    TIME = 22  #: clock request to the broker (corr) → REPLY with :class:`BrokerTime`
 
 
 KIND_VALUES = frozenset(int(k) for k in Kind)
@@ -120,11 +121,20 @@ class PeerInfo(Message):
     msgs_out: int = 0  #: published messages the broker sent to this peer
     state: str = ""
     base: str = ""  #: the base state ``state`` counts as (a custom state's)
+    connected_at: float = 0.0  #: when the broker welcomed it (seconds since the epoch)
 
 
 @message(type="peerkit.BrokerInfo")
 class BrokerInfo(Message):
     peers: list[PeerInfo] = attrs.field(factory=list)
+
+
+@message(type="peerkit.BrokerTime")
+class BrokerTime(Message):
+    """The broker's clock (seconds since the epoch), for peers that measure their offset
+    to it (the JavaScript client does, NTP style)."""
+
+    time: float
 
 
 @message(type="peerkit.PeerStateReport")
