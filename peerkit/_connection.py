@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 
@@ -56,6 +57,7 @@ class Connection:
         "out",
         "peer_id",
         "queued",
+        "resume_token",
         "scope",
         "state",
         "wakeup",
@@ -78,6 +80,8 @@ class Connection:
         self.json = json
         self.max_message_size = max_message_size
         self.connected_at = time.time()
+        #: the secret that lets this peer replace this connection if it comes back
+        self.resume_token = secrets.token_urlsafe(18)
         self.limit = limit
         #: envelopes as (head, body, published messages): a control envelope is all head and
         #: carries none; a PUB run's body is shared by every subscriber's queue

@@ -388,10 +388,14 @@ class Broker(OwnNursery):
         reject = admit(
             hello,
             token=self.token,
-            connected=self._conns,
+            connected={p: c.resume_token for p, c in self._conns.items()},
             max_peers=self.max_peers,
             shutting_down=self._shutting_down,
         )
+        if reject is None and pid in self._conns:  # the peer is back: its old connection goes
+            stale = self._conns[pid]
+            stale.kick("replaced by the same peer's new connection (it reconnected)")
+            self._remove(stale, replaced=True)
         if reject is not None:
             log.warning("rejected peer %r: %s", pid, reject.detail)
             await self._reject(ws, reject.reason, reject.detail, json)
@@ -410,11 +414,14 @@ class Broker(OwnNursery):
                     heartbeat_interval=self.heartbeat_interval,
                     heartbeat_timeout=self.heartbeat_timeout,
                     max_message_size=self.max_message_size,
+                    resume_token=conn.resume_token,
                 ),
             )
         )
-        log.info("peer %r connected", pid)
-        self._dispatcher.publish(pid, _PEER_JOINED_TYPE, codec.encode_body(PeerJoined(peer_id=pid)))
+        resumed = bool(hello.resume_token)
+        log.info("peer %r %s", pid, "reconnected" if resumed else "connected")
+        joined = PeerJoined(peer_id=pid, resumed=resumed)
+        self._dispatcher.publish(pid, _PEER_JOINED_TYPE, codec.encode_body(joined))
         return conn
 
     async def _reject(
@@ -428,7 +435,9 @@ class Broker(OwnNursery):
             except trio_websocket.ConnectionClosed:
                 pass
 
-    def _remove(self, conn: Connection) -> None:
+    def _remove(self, conn: Connection, *, replaced: bool = False) -> None:
+        """Forget ``conn`` (its routes; its pending queries fail at once) and tell the
+        others it left, unless it is ``replaced`` by the same peer's new connection."""
         if self._conns.get(conn.peer_id) is not conn:
             return
         del self._conns[conn.peer_id]
@@ -443,6 +452,9 @@ class Broker(OwnNursery):
                     peer_id=pq.handler,
                 ),
             )
+        if replaced:
+            log.info("peer %r reconnected: its old connection is closed", conn.peer_id)
+            return
         if conn.goodbye is not None:
             reason = "goodbye" + (f" ({conn.goodbye.error_msg})" if conn.goodbye.error_msg else "")
             log.info("peer %r left: %s", conn.peer_id, reason)

@@ -70,6 +70,9 @@ class Hello(Message):
     peer_id: str
     protocol_version: int
     token: str = ""
+    #: from the welcome of the peer's previous connection, when it comes back after losing
+    #: it: the broker lets it replace that connection if the broker still holds it
+    resume_token: str = ""
 
 
 @message(type="peerkit.Welcome")
@@ -78,6 +81,8 @@ class Welcome(Message):
     heartbeat_interval: float
     heartbeat_timeout: float
     max_message_size: int
+    #: a secret the peer presents in its hello if it has to reconnect (see Hello)
+    resume_token: str = ""
 
 
 @message(type="peerkit.Reject")
