@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import inspect
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -23,7 +24,13 @@ from . import codec
 from ._handlers import check_handler
 from ._link import Link, Pending
 from .codec import Envelope, pack_envelope
-from .errors import BrokerRequestError, DecodeError, PeerkitError, UnknownMessageType
+from .errors import (
+    BrokerRequestError,
+    DecodeError,
+    PeerkitError,
+    ShuttingDownException,
+    UnknownMessageType,
+)
 from .messages import Message, MessagesDropped, get_message_class, message_type_of
 from .protocol import DELIVERY_RANK, PUB, Kind, SubscribeOptions
 
@@ -61,6 +68,12 @@ class Subscriptions:
     dropped_messages: int = 0
     #: messages that arrived but could not be decoded
     decode_errors: int = 0
+    #: handler errors are counted and logged, not fatal (``on_handler_error="log"``)
+    log_handler_errors: bool = False
+    #: exceptions subscription handlers raised (counted with ``log_handler_errors``)
+    handler_errors: int = 0
+    _errors_unlogged: int = 0
+    _last_error_log: float = -math.inf
 
     _subs: dict[str, list[Sub]] = attrs.field(factory=dict)
     _refs: collections.Counter[tuple[str, str | None]] = attrs.field(factory=collections.Counter)
@@ -246,10 +259,13 @@ class Subscriptions:
             first = subs[0]
             if len(subs) == 1 and first.handler is not None and first.sender is None:
                 # the common case without a coroutine per message: one handler
-                result = first.handler(msg)
-                if result is not None and inspect.isawaitable(result):
-                    self._release_run(handled, count)
-                    await result
+                try:
+                    result = first.handler(msg)
+                    if result is not None and inspect.isawaitable(result):
+                        self._release_run(handled, count)
+                        await result
+                except Exception as exc:
+                    self._handler_failed(msg, exc)  # type: ignore[arg-type]
             else:
                 self._release_run(handled, count)
                 await self._dispatch_one(subs, msg)  # type: ignore[arg-type]
@@ -264,9 +280,36 @@ class Subscriptions:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self.drop(sub)
             else:
-                result = sub.handler(msg)  # type: ignore[misc]
-                if result is not None and inspect.isawaitable(result):
-                    await result
+                try:
+                    result = sub.handler(msg)  # type: ignore[misc]
+                    if result is not None and inspect.isawaitable(result):
+                        await result
+                except Exception as exc:
+                    self._handler_failed(msg, exc)
+
+    def _handler_failed(self, msg: Message, exc: Exception) -> None:
+        """A subscription handler raised: by default the peer dies of it (re-raised); with
+        ``on_handler_error="log"`` it is counted and logged (once per second at most, with
+        the count of the others) and the peer carries on."""
+        if not self.log_handler_errors or isinstance(exc, ShuttingDownException):
+            raise exc
+        self.handler_errors += 1
+        self._errors_unlogged += 1
+        now = trio.current_time()
+        if now - self._last_error_log >= 1.0:
+            log.error(
+                "peer %r: a handler of %s raised %s: %s (%d handler error(s) since the last "
+                "report, %d in all; the peer carries on: on_handler_error='log')",
+                self.peer_id,
+                msg.message_type(),
+                type(exc).__name__,
+                exc,
+                self._errors_unlogged,
+                self.handler_errors,
+                exc_info=exc,
+            )
+            self._last_error_log = now
+            self._errors_unlogged = 0
 
     # ------------------------------------------------------------------ the table
     @property

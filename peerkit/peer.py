@@ -6,7 +6,7 @@ import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import trio
 
@@ -22,6 +22,7 @@ from .errors import (
     DecodeError,
     NotConnectedException,
     PeerkitError,
+    QueryAnswerUnknown,
     ShuttingDownException,
 )
 from .messages import (
@@ -46,6 +47,7 @@ from .states import PeerState, State, StateMachine, base_state
 __all__ = ["Peer", "query_handler", "subscribe"]
 
 M = TypeVar("M", bound=Message)
+R = TypeVar("R", bound=Message)
 F = TypeVar("F", bound=Callable[..., Any])
 # ------------------------------------------------------------------ decorators
 
@@ -111,7 +113,15 @@ class Peer(StateMachine, OwnNursery):
     handlers; overflow drops and counts),
     ``max_concurrent_queries`` (async query handlers running at once; a plain-function
     handler answers as its query arrives), ``reconnect`` and ``reconnect_timeout`` (below),
-    ``is_essential``.
+    ``on_handler_error``, ``is_essential``.
+
+    A subscription handler that raises kills the peer by default
+    (``on_handler_error="raise"``): ``PanickMsg``, goodbye with the error, ``run()`` raises
+    it. Peers that must survive one bad message (a recorder) pass
+    ``on_handler_error="log"``: the error is counted in ``handler_errors`` and logged (at
+    most once a second, with the count of those not logged) and the next message is
+    handled. (A query handler's error never kills its peer: the asker gets it as a
+    :class:`RemoteError`.)
 
     Reconnection: a peer that loses an established connection to its broker (the broker
     vanished, the network dropped) does not die with it (``reconnect=True``, the default):
@@ -176,6 +186,7 @@ class Peer(StateMachine, OwnNursery):
         max_concurrent_queries: int = 16,
         reconnect: bool = True,
         reconnect_timeout: float = 30.0,
+        on_handler_error: str = "raise",
         is_essential: bool | None = None,
     ) -> None:
         super().__init__()
@@ -249,7 +260,18 @@ class Peer(StateMachine, OwnNursery):
             reconnect_timeout=float(reconnect_timeout),
             on_resume=self._resume,
         )
-        self._subs = Subscriptions(self._link, peer_id, receive_queue_size, self.request_timeout)
+        if on_handler_error not in ("raise", "log"):
+            raise PeerkitError(
+                f"on_handler_error must be 'raise' (a handler's error kills the peer) or "
+                f"'log' (counted, logged, the peer carries on), got {on_handler_error!r}"
+            )
+        self._subs = Subscriptions(
+            self._link,
+            peer_id,
+            receive_queue_size,
+            self.request_timeout,
+            log_handler_errors=on_handler_error == "log",
+        )
         self._link.frame_done = self._subs.report_drops
         self._link.wait_room = self._subs.wait_room
         self._queries = Queries(
@@ -284,6 +306,11 @@ class Peer(StateMachine, OwnNursery):
     def decode_errors(self) -> int:
         """Messages that arrived but could not be decoded (each was logged)."""
         return self._subs.decode_errors
+
+    @property
+    def handler_errors(self) -> int:
+        """Exceptions subscription handlers raised (with ``on_handler_error="log"``)."""
+        return self._subs.handler_errors
 
     @property
     def link_up(self) -> bool:
@@ -844,21 +871,59 @@ class Peer(StateMachine, OwnNursery):
         """Stop answering ``msg_type`` queries."""
         await self._queries.unregister(msg_type, tell_broker=not self.is_shutting_down)
 
-    async def query(self, msg: Message, timeout: float | None = None) -> Message:
+    @overload
+    async def query(self, msg: Message, timeout: float | None = None) -> Message: ...
+
+    @overload
+    async def query(self, msg: Message, timeout: float | None = None, *, reply: type[R]) -> R: ...
+
+    async def query(
+        self, msg: Message, timeout: float | None = None, *, reply: type[Message] | None = None
+    ) -> Message:
         """Ask whichever peer handles ``type(msg)`` and return its response.
+
+        With ``reply=ResponseType`` the response is checked to be one (else
+        :class:`QueryAnswerUnknown`), and a type checker knows the result's type.
 
         Raises :class:`NoHandlerError`, :class:`RemoteError`, :class:`HandlerGoneError`,
         :class:`MultiplePeersAvailable` or :class:`QueryTimeout` (all
         :class:`QueryAnswerUnknown`), or :class:`BrokerLostError` when the connection to the
         broker is lost meanwhile.
         """
-        return await self._ask("", msg, timeout)
+        return self._check_reply(await self._ask("", msg, timeout), reply)
 
-    async def ask_peer(self, peer_id: str, msg: Message, timeout: float | None = None) -> Message:
-        """Ask the named peer (it answers with its query handler for ``type(msg)``)."""
+    @overload
+    async def ask_peer(
+        self, peer_id: str, msg: Message, timeout: float | None = None
+    ) -> Message: ...
+
+    @overload
+    async def ask_peer(
+        self, peer_id: str, msg: Message, timeout: float | None = None, *, reply: type[R]
+    ) -> R: ...
+
+    async def ask_peer(
+        self,
+        peer_id: str,
+        msg: Message,
+        timeout: float | None = None,
+        *,
+        reply: type[Message] | None = None,
+    ) -> Message:
+        """Ask the named peer (it answers with its query handler for ``type(msg)``);
+        ``reply`` as for :meth:`query`."""
         if not isinstance(peer_id, str) or not peer_id:
             raise PeerkitError(f"peer_id must be a peer id, got {peer_id!r}")
-        return await self._ask(peer_id, msg, timeout)
+        return self._check_reply(await self._ask(peer_id, msg, timeout), reply)
+
+    @staticmethod
+    def _check_reply(answer: Message, reply: type[Message] | None) -> Message:
+        if reply is not None and not isinstance(answer, reply):
+            raise QueryAnswerUnknown(
+                f"{answer.sender!r} answered with {type(answer).__name__}, not the "
+                f"{reply.__name__} the caller expects (reply={reply.__name__})"
+            )
+        return answer
 
     async def _ask(self, target: str, msg: Message, timeout: float | None) -> Message:
         if not self.is_connected and not (self.is_shutting_down and self._link.up):
