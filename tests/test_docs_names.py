@@ -139,14 +139,20 @@ def imports(text: str) -> Iterator[tuple[str, str]]:
                 yield module, name
 
 
+#: Dotted names in the pages that are not Python paths
+NOT_PATHS = {"peerkit.json.v2"}  # the JSON subprotocol's name (browser.rst)
+
+
 def paths(text: str) -> set[str]:
-    """Every dotted peerkit path the page gives, imports included."""
+    """Every dotted peerkit path the page gives, imports included (not those in quotes,
+    which are strings: a logger's name, a JSON type name)."""
+    text = re.sub(r"\"[^\"\n]*\"", "", text)
     found = {
         p.rstrip(".")
         for p in re.findall(r"(?<![\w/-])peerkit(?:\.[A-Za-z_]\w*)+(?![\w*])\.?", text)
     }
     found |= {f"{module}.{name}" for module, name in imports(text)}
-    return found
+    return found - NOT_PATHS
 
 
 #: public name -> the public modules that export it. The fixtures are left out: a test asks
@@ -167,7 +173,7 @@ def used_names(text: str) -> set[str]:
     and snake_case functions and constants with an underscore)."""
     words: set[str] = set()
     for chunk in code_and_literals(text):
-        words |= set(re.findall(r"(?<![\w.])([A-Z]\w*[a-z]\w*|[a-z]+_\w+|[A-Z][A-Z_]+)\b", chunk))
+        words |= set(re.findall(r"(?<![\w.])([A-Z]\w*[a-z]\w*|[a-z]+_\w+|[A-Z]+_[A-Z_]+)\b", chunk))
     defined = set(re.findall(r"(?:class|def) (\w+)", text))
     return {w for w in words if w in EXPORTED and w not in OBVIOUS and w not in defined}
 
