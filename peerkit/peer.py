@@ -33,6 +33,7 @@ from .messages import (
     message_type_of,
 )
 from .protocol import (
+    DELIVERIES,
     PUB,
     SHARE_POLICIES,
     BrokerInfo,
@@ -49,18 +50,29 @@ F = TypeVar("F", bound=Callable[..., Any])
 # ------------------------------------------------------------------ decorators
 
 
-def subscribe(msg_type: type[Message], *, sender: str | None = None) -> Callable[[F], F]:
-    """Declare a method as a handler of ``msg_type`` (from ``sender``, or from everyone).
+def subscribe(
+    msg_type: type[Message], *, sender: str | None = None, delivery: str = "drop"
+) -> Callable[[F], F]:
+    """Declare a method as a handler of ``msg_type`` (from ``sender``, or from everyone),
+    delivered the ``delivery`` way (see :meth:`Peer.subscribe_for_all_msg_subtype`).
 
     The peer subscribes it once connected, before ``run()`` reports the peer started.
     """
     message_type_of(msg_type)  # fail early for an unregistered class
+    _check_delivery(delivery)
 
     def deco(fn: F) -> F:
-        fn.__dict__.setdefault("__peerkit_subscribe__", []).append((msg_type, sender))
+        fn.__dict__.setdefault("__peerkit_subscribe__", []).append((msg_type, sender, delivery))
         return fn
 
     return deco
+
+
+def _check_delivery(delivery: str) -> None:
+    if delivery not in DELIVERIES:
+        raise PeerkitError(
+            f"delivery must be one of {', '.join(repr(d) for d in DELIVERIES)}, not {delivery!r}"
+        )
 
 
 def query_handler(msg_type: type[Message], *, policy: str = "exclusive") -> Callable[[F], F]:
@@ -124,12 +136,12 @@ class Peer(StateMachine, OwnNursery):
     #: Whether the experiment stops when this peer panics (reported in ``PanickMsg``).
     is_essential: bool = True
 
-    _declared_subs: tuple[tuple[str, type[Message], str | None], ...] = ()
+    _declared_subs: tuple[tuple[str, type[Message], str | None, str], ...] = ()
     _declared_queries: tuple[tuple[str, type[Message], str], ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        subs: list[tuple[str, type[Message], str | None]] = []
+        subs: list[tuple[str, type[Message], str | None, str]] = []
         queries: list[tuple[str, type[Message], str]] = []
         seen: set[str] = set()
         for klass in cls.__mro__:
@@ -137,8 +149,8 @@ class Peer(StateMachine, OwnNursery):
                 if name in seen:
                     continue
                 seen.add(name)
-                for msg_type, sender in getattr(value, "__peerkit_subscribe__", ()):
-                    subs.append((name, msg_type, sender))
+                for msg_type, sender, delivery in getattr(value, "__peerkit_subscribe__", ()):
+                    subs.append((name, msg_type, sender, delivery))
                 q = getattr(value, "__peerkit_query__", None)
                 if q is not None:
                     queries.append((name, q[0], q[1]))
@@ -239,6 +251,7 @@ class Peer(StateMachine, OwnNursery):
         )
         self._subs = Subscriptions(self._link, peer_id, receive_queue_size, self.request_timeout)
         self._link.frame_done = self._subs.report_drops
+        self._link.wait_room = self._subs.wait_room
         self._queries = Queries(
             self._link,
             peer_id,
@@ -652,8 +665,8 @@ class Peer(StateMachine, OwnNursery):
 
     async def _register_declared(self) -> None:
         await self._subs.add(PeerControlMessage, None, self._on_control)
-        for name, msg_type, sender in self._declared_subs:
-            await self._subs.add(msg_type, sender, getattr(self, name))
+        for name, msg_type, sender, delivery in self._declared_subs:
+            await self._subs.add(msg_type, sender, getattr(self, name), delivery)
         for name, msg_type, policy in self._declared_queries:
             await self.register_query_handler(msg_type, getattr(self, name), policy=policy)
 
@@ -752,24 +765,37 @@ class Peer(StateMachine, OwnNursery):
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def subscribe_for_all_msg_subtype(
-        self, msg_type: type[M], handler: Callable[[M], Any]
+        self, msg_type: type[M], handler: Callable[[M], Any], *, delivery: str = "drop"
     ) -> None:
         """Call ``handler(msg)`` for every ``msg_type`` message, from every sender.
 
         Returns once the broker has the subscription. Handlers (sync or async) run one at a
         time, in arrival order; an exception escaping one shuts the peer down with it.
+
+        ``delivery`` says what happens when this peer cannot keep up: ``"drop"`` (the
+        default) drops the newest messages and counts them (``dropped_messages``,
+        ``MessagesDropped``); ``"latest"`` keeps the newest and drops the oldest (counted),
+        for live displays; ``"lossless"`` drops nothing: the broker slows the publishers
+        down instead (their ``send_message`` waits), and disconnects this peer if it takes
+        nothing for the broker's ``stall_timeout``. See "Failures and recovery".
         """
         self._require_connected("subscribing")
-        await self._subs.add(msg_type, None, handler)
+        await self._subs.add(msg_type, None, handler, delivery)
 
     async def subscribe_for_specific_msg_subtype(
-        self, msg_type: type[M], sender_id: str, handler: Callable[[M], Any]
+        self,
+        msg_type: type[M],
+        sender_id: str,
+        handler: Callable[[M], Any],
+        *,
+        delivery: str = "drop",
     ) -> None:
-        """Call ``handler(msg)`` for ``msg_type`` messages sent by ``sender_id`` only."""
+        """Call ``handler(msg)`` for ``msg_type`` messages sent by ``sender_id`` only
+        (``delivery`` as for :meth:`subscribe_for_all_msg_subtype`)."""
         if not isinstance(sender_id, str) or not sender_id:
             raise PeerkitError(f"sender_id must be a peer id, got {sender_id!r}")
         self._require_connected("subscribing")
-        await self._subs.add(msg_type, sender_id, handler)
+        await self._subs.add(msg_type, sender_id, handler, delivery)
 
     async def unsubscribe(
         self, msg_type: type[Message], handler: Handler | None = None, *, sender: str | None = None
@@ -782,7 +808,12 @@ class Peer(StateMachine, OwnNursery):
 
     @asynccontextmanager
     async def subscription(
-        self, msg_type: type[M], *, sender: str | None = None, buffer: int = 100
+        self,
+        msg_type: type[M],
+        *,
+        sender: str | None = None,
+        buffer: int = 100,
+        delivery: str = "drop",
     ) -> AsyncIterator[trio.MemoryReceiveChannel[M]]:
         """Pull form: ``async with peer.subscription(T) as stream: async for msg in stream``.
 
@@ -790,7 +821,7 @@ class Peer(StateMachine, OwnNursery):
         for the consumer (and the broker drops and reports beyond its own queue).
         """
         self._require_connected("subscribing")
-        async with self._subs.stream(msg_type, sender, buffer) as stream:
+        async with self._subs.stream(msg_type, sender, buffer, delivery) as stream:
             yield stream
 
     async def register_query_handler(
