@@ -97,6 +97,11 @@ _YIELD_BYTES = 512 * 1024
 _YIELD_OVERHEAD = 512
 
 
+# A peer is made of parts it holds: its Link to the broker (peerkit/_link.py: the
+# trio-websocket connection, its reader, writer and heartbeat), its Subscriptions
+# (peerkit/_subscriptions.py: handlers, inbox, dispatcher) and its Queries
+# (peerkit/_queries.py: handlers and workers, questions asked). The peer itself keeps the
+# lifecycle and the nursery.
 class Peer(StateMachine, OwnNursery):
     """A peer: one trio nursery, a strict lifecycle and typed messaging through a broker.
 
@@ -136,11 +141,6 @@ class Peer(StateMachine, OwnNursery):
     :class:`BrokerLostError`. A clean broker shutdown (``BrokerShutdownMsg``) still shuts
     the peer down. ``reconnect=False``: the first loss fails the peer.
 
-    A peer is made of parts it holds: its :class:`~peerkit._link.Link` to the broker (the
-    trio-websocket connection, its reader, writer and heartbeat), its
-    :class:`~peerkit._subscriptions.Subscriptions` (handlers, inbox, dispatcher) and its
-    :class:`~peerkit._queries.Queries` (handlers and workers, questions asked). The peer
-    itself keeps the lifecycle and the nursery.
     """
 
     #: Whether the experiment stops when this peer panics (reported in ``PanickMsg``).
