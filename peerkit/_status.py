@@ -46,6 +46,8 @@ class PeerRow:
     dropped: int = 0
     essential: bool = True
     last_error: str = ""
+    #: runs after the first (the restart policy's)
+    restarts: int = 0
 
 
 class StatusView(Protocol):
@@ -65,7 +67,7 @@ def _rate(value: float) -> str:
     return f"{value:.0f}" if value >= 10 or value == 0 else f"{value:.1f}"
 
 
-_HEADERS = ("PEER", "PID", "STATE", "IN/s", "OUT/s", "DROPPED", "LAST ERROR")
+_HEADERS = ("PEER", "PID", "STATE", "IN/s", "OUT/s", "DROPPED", "RESTARTS", "LAST ERROR")
 
 
 def format_table(rows: Sequence[PeerRow], width: int = 100) -> list[str]:
@@ -78,12 +80,13 @@ def format_table(rows: Sequence[PeerRow], width: int = 100) -> list[str]:
             _rate(r.rate_in),
             _rate(r.rate_out),
             str(r.dropped),
+            str(r.restarts),
             r.last_error.replace("\n", " "),
         )
         for r in rows
     ]
     widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(_HEADERS)]
-    right = {3, 4, 5}
+    right = {3, 4, 5, 6}
 
     def line(values: Sequence[str]) -> str:
         parts = [
@@ -158,6 +161,7 @@ class LogView:
         parts = [
             f"{r.peer_id} {r.state} in {_rate(r.rate_in)}/s out {_rate(r.rate_out)}/s"
             + (f" dropped {r.dropped}" if r.dropped else "")
+            + (f" restarts {r.restarts}" if r.restarts else "")
             for r in rows
         ]
         self.event(elapsed, "status: " + "; ".join(parts))

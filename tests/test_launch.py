@@ -9,19 +9,17 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
-from launchhelpers import alive, write_experiment
+from launchhelpers import alive, launched, write_experiment
 from launchpeers import Sleeper, Tick
 
 from peerkit import Peer
 from peerkit._status import LogView, PeerRow, TerminalView, format_table
 from peerkit.experiment import load_experiment
-from peerkit.launch import Launcher, PeerRecord, current_run_dir
+from peerkit.launch import Launcher, current_run_dir
 
 TICK = """
     [peers.ticker]
@@ -36,66 +34,6 @@ TICK = """
     [peers.counter.launch_dependencies]
     src = "ticker"
 """
-
-
-class Run:
-    """A launcher running in a background task."""
-
-    def __init__(self, launcher: Launcher) -> None:
-        self.launcher = launcher
-        self.status: int | None = None
-        self.done = trio.Event()
-        self.output = launcher.out
-
-    @property
-    def peers(self) -> dict[str, PeerRecord]:
-        return self.launcher.peers
-
-    def text(self) -> str:
-        assert isinstance(self.output, io.StringIO)
-        return self.output.getvalue()
-
-    async def _run(self) -> None:
-        self.status = await self.launcher.run()
-        self.done.set()
-
-    async def wait(self, predicate: Callable[[Launcher], bool], timeout: float = 15) -> None:
-        await self.launcher.wait_until(predicate, timeout)
-
-    async def result(self, timeout: float = 15) -> int:
-        with trio.fail_after(timeout):
-            await self.done.wait()
-        assert self.status is not None
-        return self.status
-
-    def pids(self) -> list[int]:
-        return [rec.pid for rec in self.launcher.peers.values() if rec.pid is not None]
-
-
-@asynccontextmanager
-async def launched(tmp_path: Path, text: str, **options: object) -> AsyncIterator[Run]:
-    exp = load_experiment(write_experiment(tmp_path, text))
-    options.setdefault("ready_timeout", 15.0)
-    options.setdefault("grace_period", 5.0)
-    options.setdefault("status_interval", 0.1)
-    launcher = Launcher(
-        exp,
-        run_dir=tmp_path / "run",
-        out=io.StringIO(),
-        view="log",
-        **options,  # type: ignore[arg-type]
-    )
-    run = Run(launcher)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run._run)
-        try:
-            yield run
-        finally:
-            launcher.stop("the test is over")
-            with trio.move_on_after(20):
-                await run.done.wait()
-    for pid in run.pids():
-        assert not alive(pid), f"process {pid} was left behind"
 
 
 @pytest.mark.parametrize("inprocess", [True, False], ids=["inprocess", "subprocess"])
@@ -376,6 +314,7 @@ async def test_the_status_shows_state_rates_and_last_error(tmp_path: Path) -> No
                 "IN/s",
                 "OUT/s",
                 "DROPPED",
+                "RESTARTS",
                 "LAST",
                 "ERROR",
             ]
@@ -399,7 +338,7 @@ def test_terminal_view_redraws_in_place_and_log_view_prints_lines() -> None:
     assert text.count("\x1b[5F\x1b[J") == 2
     assert "[    1.5s] rec: FAILED\n" in text
     amp = next(line for line in text.splitlines() if line.startswith("amp "))
-    assert amp.split() == ["amp", "12", "running", "1.0", "16", "0"]
+    assert amp.split() == ["amp", "12", "running", "1.0", "16", "0", "0"]
     assert "rec (n/e)" in text and "OSError: disk full" in text
 
     out = io.StringIO()
