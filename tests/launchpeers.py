@@ -99,7 +99,8 @@ class Crash(Message):
 
 class OnDemand(ConfiguredPeer):
     """Runs until a ``Crash`` message for it arrives; its first ``crash_runs`` runs die of
-    ``RuntimeError`` by themselves as soon as they are started.
+    ``RuntimeError`` by themselves as soon as they are started (``crash_at = "start"``) or
+    before they get ready (``"ready"``).
 
     Each run appends a line to ``<run dir>/<peer_id>.runs``: the run's number and trio's
     clock (the test's, for an in-process peer), so tests count the runs and time them.
@@ -107,6 +108,7 @@ class OnDemand(ConfiguredPeer):
 
     label: str = param("default")
     crash_runs: int = param(0)
+    crash_at: str = param("start")
 
     run_number = 0
 
@@ -118,9 +120,11 @@ class OnDemand(ConfiguredPeer):
         with runs.open("a") as f:
             f.write(f"{self.run_number} {trio.current_time()!r}\n")
         log.info("%s: run %d, label %s", self.peer_id, self.run_number, self.label)
+        if self.crash_at == "ready" and self.run_number <= self.crash_runs:
+            raise RuntimeError(f"run {self.run_number} crashed before it was ready")
 
     async def _start(self) -> None:
-        if self.run_number <= self.crash_runs:
+        if self.crash_at == "start" and self.run_number <= self.crash_runs:
             self.create_task(self._boom)
 
     async def _boom(self) -> None:
@@ -149,14 +153,23 @@ WARMING_UP = CustomState("warming_up", counts_as=PeerState.ready)
 
 class WarmingUp(Peer):
     """Never reports plain ``ready``: it goes from connected to its own ``warming_up``
-    state, which counts as ready, and stays there until it is started."""
+    state, which counts as ready, and stays there until it is started. Its control action
+    ``warm_up`` takes it from running back to ``warming_up``."""
 
     _VALID_STATES_TRANSITIONS_ = {
         **Peer._VALID_STATES_TRANSITIONS_,
         PeerState.connected: (PeerState.ready, PeerState.shutting_down, WARMING_UP),
+        PeerState.ready: (PeerState.running, PeerState.shutting_down, WARMING_UP),
         WARMING_UP: (PeerState.ready, PeerState.running, PeerState.shutting_down),
     }
 
     async def _connections_established(self) -> None:
         self._state = WARMING_UP
         await trio.sleep_forever()  # ready by its base; the launcher starts it from here
+
+    async def _control_action(self, action: str) -> None:
+        if action != "warm_up":
+            await super()._control_action(action)
+            return
+        self._state = PeerState.ready
+        self._state = WARMING_UP

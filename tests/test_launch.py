@@ -20,6 +20,7 @@ from peerkit import Peer
 from peerkit._status import LogView, PeerRow, TerminalView, format_table
 from peerkit.experiment import load_experiment
 from peerkit.launch import Launcher, current_run_dir
+from peerkit.messages import PeerControlMessage
 
 TICK = """
     [peers.ticker]
@@ -61,6 +62,38 @@ async def test_launch_runs_peers_and_stops_cleanly(tmp_path: Path, inprocess: bo
         assert all(r.state == "finished" for r in run.peers.values())
         logs = {p.name for p in (tmp_path / "run").iterdir()}
         assert {"launcher.log", "ticker.log", "counter.log"} <= logs
+
+
+async def test_the_launcher_follows_state_events_and_counts_custom_states_by_base(
+    tmp_path: Path,
+) -> None:
+    """No look at the broker between two samples of the rates (an hour apart here): every
+    state reaches the launcher as the broker's event. ``warming_up`` counts as ready."""
+    text = """
+        [peers.warm]
+        class = "launchpeers:WarmingUp"
+        [peers.sleeper]
+        class = "launchpeers:Sleeper"
+    """
+    with trio.fail_after(30):
+        async with launched(tmp_path, text, inprocess=True, status_interval=3600) as run:
+            await run.launcher.running.wait()  # ready by its base: started
+            warm = run.peers["warm"]
+            await run.wait(lambda lr: warm.state == "running")
+            assert run.launcher.broker_url is not None
+            async with Peer(run.launcher.broker_url, "tester") as tester:
+                action = PeerControlMessage(peer_id="warm", action="warm_up")
+                await tester.ask_peer("warm", action, timeout=5)
+                await run.wait(lambda lr: warm.state == "warming_up")
+                assert warm.base == "ready" and warm.is_ready
+                await tester.ask_peer("warm", PeerControlMessage(peer_id="warm", action="start"))
+                await run.wait(lambda lr: warm.state == "running")
+            run.launcher.stop()
+            assert await run.result() == 0
+        text = run.text()
+        assert "warm: warming_up (counts as ready)" in text
+        assert text.index("warm: warming_up (counts as ready)") < text.index("all peers ready")
+        assert "warm: ready\n" in text  # on its way back to warming_up: every state is told
 
 
 async def test_duration_ends_the_run(tmp_path: Path) -> None:

@@ -149,19 +149,27 @@ async def test_a_process_peer_is_restarted_as_a_new_process(tmp_path: Path) -> N
         assert "run 2, label again" in (tmp_path / "run" / "worker.log").read_text()
 
 
-async def test_a_peer_that_fails_before_the_start_is_restarted_too(
+async def test_a_peer_restarted_before_the_experiment_starts_is_started_with_the_rest(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    # its first run dies as soon as it is started: the launcher starts the second itself
-    text = experiment('restart = "on-failure"\n[peers.worker.local_params]\ncrash_runs = 1')
-    text = text.replace('[peers.worker.local_params]\n        label = "again"\n', "")
+    # its first run dies before it is ready: the launcher waits for the second to be ready
+    worker = """restart = "on-failure"
+        [peers.worker.local_params]
+        crash_runs = 1
+        crash_at = "ready"
+    """
+    text = experiment(worker).replace('[peers.worker.local_params]\n        label = "again"\n', "")
     with trio.fail_after(60):
         async with launched(tmp_path, text, inprocess=True) as run:
-            worker = run.peers["worker"]
-            await run.wait(lambda lr: worker.restarts == 1 and worker.state == "running")
-            assert run.launcher.failure is None
+            await run.launcher.running.wait()
+            worker_rec = run.peers["worker"]
+            await run.wait(lambda lr: worker_rec.state == "running")
+            assert worker_rec.restarts == 1 and run.launcher.failure is None
             run.launcher.stop()
             assert await run.result() == 0
+        text = run.text()
+        assert "run 1 crashed before it was ready" in text
+        assert text.index("worker: restarting in") < text.index("all peers ready")
 
 
 # ----------------------------------------------------------------------------- used up
