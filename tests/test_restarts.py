@@ -8,7 +8,9 @@ the peers write (``launchpeers.runs``) are the test's clock.
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +25,8 @@ from launchpeers import Crash, OnDemand, runs
 from peerkit import Peer
 from peerkit._launch_peers import RestartBudget
 from peerkit.config_messages import ConfigSnapshot, ConfigSnapshotQuery
-from peerkit.experiment import RestartPolicy
+from peerkit.experiment import RestartPolicy, load_experiment
+from peerkit.launch import Launcher
 
 
 def experiment(worker: str, *, witness: bool = True) -> str:
@@ -279,6 +282,39 @@ async def test_stopping_during_the_back_off_does_not_restart(
         assert worker.state == "not restarted" and worker.restarts == 1
         assert len(runs(tmp_path / "run", "worker")) == 1
         assert "worker: not restarted: the experiment is stopping" in run.text()
+
+
+# ----------------------------------------------------------------------------- the example
+
+
+async def test_the_restarts_example(tmp_path: Path) -> None:
+    """examples/restarts.toml as a user runs it (peer processes): the sensor crashes in its
+    first two runs and is restarted; the logbook saw every run's readings and the events."""
+    example = load_experiment(Path(__file__).parent.parent / "examples" / "restarts.toml")
+    launcher = Launcher(example, run_dir=tmp_path, out=io.StringIO(), view="log")
+    sensor = launcher.peers["sensor"]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            status: list[int] = []
+            nursery.start_soon(_collect, launcher, status)
+            await launcher.wait_until(lambda lr: sensor.restarts == 2, 50)
+            await launcher.wait_until(lambda lr: sensor.state == "running", 20)
+            launcher.stop("seen enough")
+    assert status == [0]
+    report = json.loads((tmp_path / "logbook.json").read_text())
+    assert report["readings_per_run"]["1"] == report["readings_per_run"]["2"] == 10
+    assert report["events"].count("sensor: joined") == 2
+    assert report["events"].count("sensor: running -> shutting_down") == 2
+    assert "sensor: restarting in 1 s (restart 2 of at most 3 within 30 s)" in _text(launcher)
+
+
+async def _collect(launcher: Launcher, status: list[int]) -> None:
+    status.append(await launcher.run())
+
+
+def _text(launcher: Launcher) -> str:
+    assert isinstance(launcher.out, io.StringIO)
+    return launcher.out.getvalue()
 
 
 # ----------------------------------------------------------------------------- sans-IO
