@@ -261,11 +261,11 @@ class Launcher:
         if not await self._wait_ready():
             return
         self._phase = "running"
-        self._notify()  # restarted peers that got ready meanwhile are started by their keeper
+        self._notify()  # from now on, the keeper of a restarted peer starts it
         for rec in self.peers.values():
             if self._stop.is_set():
                 return
-            if rec.is_ready:  # not: ended, or being restarted (its keeper starts it)
+            if rec.run == 1 and rec.live and rec.run_failure is None:
                 await self._ask_start(rec)
         if self._stop.is_set():
             return
@@ -413,8 +413,8 @@ class Launcher:
         return not over()
 
     async def _start_when_ready(self, rec: PeerRecord) -> None:
-        """A restarted peer rejoins the experiment: once the experiment runs (before that,
-        :meth:`_supervise` starts every peer) and the peer is ready, ask it to start."""
+        """A restarted peer rejoins the experiment: once the experiment runs (:meth:`_supervise`
+        starts the first runs) and the peer is ready, ask it to start."""
         await self._wait(lambda: self._phase != "starting")
         if self._phase != "running":
             return
