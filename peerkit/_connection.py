@@ -12,14 +12,16 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import secrets
+import time
 from collections.abc import Callable
 
 import trio
 import trio_websocket
 
-from . import codec
+from . import codec, jsonwire
 from ._batching import take_counted
-from .codec import Envelope, control
+from .codec import DEFAULT_MAX_MESSAGE_SIZE, Envelope, control
 from .errors import DecodeError
 from .messages import BrokerGoodbyeMsg, MessagesDropped
 from .protocol import Kind, RequestFailed
@@ -39,28 +41,47 @@ class Connection:
         "_seen_out",
         "base",
         "close_reason",
+        "connected_at",
         "dropped_pending",
         "dropped_total",
         "frames_in",
         "frames_out",
         "goodbye",
+        "json",
         "last_seen",
         "last_sent",
         "limit",
+        "max_message_size",
         "msgs_in",
         "msgs_out",
         "out",
         "peer_id",
         "queued",
+        "resume_token",
         "scope",
         "state",
         "wakeup",
         "ws",
     )
 
-    def __init__(self, peer_id: str, ws: trio_websocket.WebSocketConnection, limit: int) -> None:
+    def __init__(
+        self,
+        peer_id: str,
+        ws: trio_websocket.WebSocketConnection,
+        limit: int,
+        *,
+        json: bool = False,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
         self.peer_id = peer_id
         self.ws = ws
+        #: the connection speaks the JSON subprotocol (:mod:`peerkit.jsonwire`): text
+        #: messages, translated at the edge; everything inside is the same envelopes
+        self.json = json
+        self.max_message_size = max_message_size
+        self.connected_at = time.time()
+        #: the secret that lets this peer replace this connection if it comes back
+        self.resume_token = secrets.token_urlsafe(18)
         self.limit = limit
         #: envelopes as (head, body, published messages): a control envelope is all head and
         #: carries none; a PUB run's body is shared by every subscriber's queue
@@ -152,8 +173,9 @@ class Connection:
             await self.wakeup.wait()
             self.wakeup = trio.Event()
             while self.out or self.dropped_pending:
+                frame = self.next_frame(limit)
                 try:
-                    await ws.send_message(self.next_frame(limit))
+                    await ws.send_message(jsonwire.frame_to_json(frame) if self.json else frame)
                 except trio_websocket.ConnectionClosed:
                     return  # the reader sees it too
                 self.frames_out += 1
@@ -167,7 +189,9 @@ class Connection:
                 return
             self.frames_in += 1
             try:
-                for env in codec.iter_envelopes(frame):  # type: ignore[arg-type]
+                if isinstance(frame, str):
+                    frame = jsonwire.json_to_frame(frame, self.max_message_size)
+                for env in codec.iter_envelopes(frame):
                     dispatch(self, env)
             except DecodeError as exc:
                 log.warning("bad frame from %r: %s", self.peer_id, exc)

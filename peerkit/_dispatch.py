@@ -4,6 +4,7 @@ handlers and query routing (internal). It decides and queues; the connections wr
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -19,6 +20,7 @@ from .messages import BrokerGoodbyeMsg, PeerStateChanged
 from .protocol import PUB as _PUB
 from .protocol import (
     BrokerInfo,
+    BrokerTime,
     Kind,
     PeerStateReport,
     QueryFailed,
@@ -30,6 +32,7 @@ from .routing import RoutingTable
 log = logging.getLogger("peerkit.broker")
 
 _STATE_CHANGED = PeerStateChanged.message_type()
+_BROKER_TIME = BrokerTime.message_type()
 #: longest state name a peer may report
 MAX_STATE_LEN = 100
 
@@ -85,6 +88,9 @@ class Dispatcher:
             conn.push(
                 control(Kind.REPLY, info, corr=env.corr, type=info.message_type(), sender=BROKER_ID)
             )
+        elif kind == Kind.TIME:
+            now = BrokerTime(time=time.time())
+            conn.push(control(Kind.REPLY, now, corr=env.corr, type=_BROKER_TIME, sender=BROKER_ID))
         elif kind == Kind.STATE:
             try:
                 report = codec.decode_body(PeerStateReport, env.body)

@@ -266,6 +266,13 @@ class Subscriptions:
                 ) from waiting.error
         return sub
 
+    async def resubscribe(self) -> None:
+        """Tell a new broker connection every (type, sender) this peer subscribes to."""
+        for type_name, sender in list(self._refs):
+            await self.link.call(
+                Kind.SUB, type_name, target=sender or "", timeout=self.request_timeout
+            )
+
     def drop(self, sub: Sub, *, tell_broker: bool = True) -> bool:
         """Remove ``sub``; the broker is told when it was the last of its (type, sender)."""
         subs = self._subs.get(sub.msg_type)

@@ -98,7 +98,21 @@ class Peer(StateMachine, OwnNursery):
     (messages queued and not yet written), ``receive_queue_size`` (messages waiting for
     handlers; overflow drops and counts),
     ``max_concurrent_queries`` (async query handlers running at once; a plain-function
-    handler answers as its query arrives), ``is_essential``.
+    handler answers as its query arrives), ``reconnect`` and ``reconnect_timeout`` (below),
+    ``is_essential``.
+
+    Reconnection: a peer that loses an established connection to its broker (the broker
+    vanished, the network dropped) does not die with it (``reconnect=True``, the default):
+    it reconnects with exponential back-off and jitter, under the same id (a secret from
+    the welcome lets it replace its own stale connection at the broker, and nobody else),
+    re-subscribes, re-registers its query handlers, reports its state and carries on in
+    the state it was in; then the ``_reconnected()`` hook runs. Meanwhile ``link_up`` is
+    False, queries waiting for an answer fail at once with :class:`BrokerLostError` (and
+    new ones too), and :meth:`send_message` keeps queueing (when the queue is full the
+    newest message is dropped and counted in ``unsent_dropped``). Past
+    ``reconnect_timeout`` seconds without success the peer fails with
+    :class:`BrokerLostError`. A clean broker shutdown (``BrokerShutdownMsg``) still shuts
+    the peer down. ``reconnect=False``: the first loss fails the peer.
 
     A peer is made of parts it holds: its :class:`~peerkit._link.Link` to the broker (the
     trio-websocket connection, its reader, writer and heartbeat), its
@@ -148,6 +162,8 @@ class Peer(StateMachine, OwnNursery):
         send_queue_size: int = 10_000,
         receive_queue_size: int = 10_000,
         max_concurrent_queries: int = 16,
+        reconnect: bool = True,
+        reconnect_timeout: float = 30.0,
         is_essential: bool | None = None,
     ) -> None:
         super().__init__()
@@ -166,6 +182,7 @@ class Peer(StateMachine, OwnNursery):
             ("query_timeout", query_timeout),
             ("send_timeout", send_timeout),
             ("grace_period", grace_period),
+            ("reconnect_timeout", reconnect_timeout),
         ):
             check_seconds(name, value)
         for name, ivalue in (
@@ -204,6 +221,7 @@ class Peer(StateMachine, OwnNursery):
         self._reported_started = False
         self._start_requested = False
         self._can_send = False  # connected and not shutting down: the send_message fast path
+        self._unsent_dropped = 0
         self._unyielded = 0  # bytes send_message queued since it last yielded
 
         # the parts
@@ -215,6 +233,9 @@ class Peer(StateMachine, OwnNursery):
             ssl_context=ssl_context,
             connect_timeout=self.connect_timeout,
             grace_period=self.grace_period,
+            reconnect=bool(reconnect),
+            reconnect_timeout=float(reconnect_timeout),
+            on_resume=self._resume,
         )
         self._subs = Subscriptions(self._link, peer_id, receive_queue_size, self.request_timeout)
         self._link.frame_done = self._subs.report_drops
@@ -253,8 +274,31 @@ class Peer(StateMachine, OwnNursery):
 
     @property
     def link_up(self) -> bool:
-        """Whether the connection to the broker is open (after the welcome)."""
+        """Whether the connection to the broker is open (after the welcome); False while a
+        lost connection is being re-established."""
         return self._link.up
+
+    @property
+    def reconnects(self) -> int:
+        """Completed reconnections (each after a lost connection: see ``reconnect``)."""
+        return self._link.reconnects
+
+    @property
+    def unsent_dropped(self) -> int:
+        """Messages :meth:`send_message` dropped because the connection was down and the
+        send queue full (while connected it waits for room instead)."""
+        return self._unsent_dropped
+
+    async def _resume(self) -> None:
+        """After a reconnection (in a task of the new connection): restore subscriptions,
+        query handlers and the state at the broker, then the ``_reconnected`` hook."""
+        await self._subs.resubscribe()
+        await self._queries.reregister()
+        if not self.is_finished:
+            state = self.state
+            report = PeerStateReport(state=str(state), base=str(base_state(state)))
+            self._link.push(control(Kind.STATE, report))
+        await self._reconnected()
 
     # ============================================================== helpers
     def _fail(self, exc: BaseException) -> None:
@@ -325,6 +369,10 @@ class Peer(StateMachine, OwnNursery):
 
     async def _stop(self) -> None:
         """Called by :meth:`stop` (running → ready) and when a running peer shuts down."""
+
+    async def _reconnected(self) -> None:
+        """Called after each reconnection (the peer lost its broker and found it again;
+        subscriptions, query handlers and the state are restored by then)."""
 
     async def _shutting_down(self) -> None:
         """Called once during shutdown, after the peer's tasks were cancelled and while the
@@ -679,6 +727,10 @@ class Peer(StateMachine, OwnNursery):
         link = self._link
         body = codec.encode_body(msg, link.max_message_size)
         if link.backlog >= self.send_queue_size:
+            if not link.up:  # reconnecting: nobody drains the queue, so the newest go
+                self._unsent_dropped += 1
+                await trio.lowlevel.checkpoint()
+                return
             try:
                 with trio.fail_after(self.send_timeout):
                     await link.wait_for_room(self.send_queue_size)

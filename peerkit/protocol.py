@@ -56,6 +56,7 @@ class Kind(enum.IntEnum):
     ERROR = 19  #: broker → peer: something the peer sent was refused; body :class:`RequestFailed`
     INFO = 20  #: introspection request to the broker (corr) → REPLY with :class:`BrokerInfo`
     STATE = 21  #: peer → broker: lifecycle state report; body :class:`PeerStateReport`
+    TIME = 22  #: clock request to the broker (corr) → REPLY with :class:`BrokerTime`
 
 
 KIND_VALUES = frozenset(int(k) for k in Kind)
@@ -69,6 +70,9 @@ class Hello(Message):
     peer_id: str
     protocol_version: int
     token: str = ""
+    #: from the welcome of the peer's previous connection, when it comes back after losing
+    #: it: the broker lets it replace that connection if the broker still holds it
+    resume_token: str = ""
 
 
 @message(type="peerkit.Welcome")
@@ -77,6 +81,8 @@ class Welcome(Message):
     heartbeat_interval: float
     heartbeat_timeout: float
     max_message_size: int
+    #: a secret the peer presents in its hello if it has to reconnect (see Hello)
+    resume_token: str = ""
 
 
 @message(type="peerkit.Reject")
@@ -120,11 +126,20 @@ class PeerInfo(Message):
     msgs_out: int = 0  #: published messages the broker sent to this peer
     state: str = ""
     base: str = ""  #: the base state ``state`` counts as (a custom state's)
+    connected_at: float = 0.0  #: when the broker welcomed it (seconds since the epoch)
 
 
 @message(type="peerkit.BrokerInfo")
 class BrokerInfo(Message):
     peers: list[PeerInfo] = attrs.field(factory=list)
+
+
+@message(type="peerkit.BrokerTime")
+class BrokerTime(Message):
+    """The broker's clock (seconds since the epoch), for peers that measure their offset
+    to it (the JavaScript client does, NTP style)."""
+
+    time: float
 
 
 @message(type="peerkit.PeerStateReport")
