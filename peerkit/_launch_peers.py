@@ -157,6 +157,8 @@ class PeerRecord:
     run: int = 0
     #: why the current run failed, noted before it ended (a panic, not ready in time)
     run_failure: str | None = None
+    #: the broker lost the current run's connection and the peer has not reconnected yet
+    lost: bool = False
     _sample: tuple[float, int, int] | None = None
 
     @property
@@ -179,6 +181,7 @@ class PeerRecord:
         self.peer = None
         self.killed = False
         self.run_failure = None
+        self.lost = False
         self.scope = trio.CancelScope()
         self.live = True
 

@@ -78,6 +78,8 @@ __all__ = ["LOG_FORMAT", "RUN_DIR_ENV", "Launcher", "PeerRecord", "current_run_d
 log = logging.getLogger("peerkit.launch")
 
 _RATE_WINDOW = 1.0
+#: the error_type of the PanickMsg the broker publishes for a connection it lost
+_LOST = "PeerLost"
 _KILL_WAIT = 5.0
 
 
@@ -670,12 +672,31 @@ class Launcher:
         if rec.stopping or rec.killed or not rec.live:
             rec.error = rec.error or text
             return
+        if msg.error_type == _LOST and self._children is not None:
+            # the broker lost the connection, not the peer its life: it may come back
+            rec.lost = True
+            rec.error = text
+            self._children.start_soon(self._await_return, rec, rec.run, text)
+            return
         self._run_failed(rec, f"panicked: {text}")
+
+    async def _await_return(self, rec: PeerRecord, run: int, text: str) -> None:
+        """A peer whose connection the broker lost has ``ready_timeout`` seconds to reconnect
+        (peers do by default) or to end (its end says how it went); else its run failed."""
+        with trio.move_on_after(self.ready_timeout):
+            await self._wait(lambda: rec.run != run or not rec.live or not rec.lost)
+        if rec.run == run and rec.live and rec.lost and not rec.stopping:
+            wait = f"{self.ready_timeout:g} s"
+            self._run_failed(
+                rec, f"lost its connection and did not reconnect within {wait}: {text}"
+            )
 
     def _on_joined(self, msg: PeerJoined) -> None:
         rec = self.peers.get(msg.sender)
-        if rec is not None and rec.live and msg.resumed and not rec.stopping:
-            self._event(f"{rec.peer_id}: reconnected")
+        if rec is not None and rec.live and msg.resumed:
+            rec.lost = False
+            if not rec.stopping:
+                self._event(f"{rec.peer_id}: reconnected")
         self._notify()
 
     def _on_state(self, msg: PeerStateChanged) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -13,14 +14,22 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from launchhelpers import alive, launched, write_experiment
 from launchpeers import Sleeper, Tick
 
-from peerkit import Peer
+import peerkit.launch
+from peerkit import Broker, Peer
 from peerkit._status import LogView, PeerRow, TerminalView, format_table
 from peerkit.experiment import load_experiment
 from peerkit.launch import Launcher, current_run_dir
-from peerkit.messages import PeerControlMessage
+from peerkit.messages import (
+    PanickMsg,
+    PeerControlMessage,
+    PeerJoined,
+    PeerLeft,
+    PeerStateChanged,
+)
 
 TICK = """
     [peers.ticker]
@@ -186,6 +195,81 @@ async def test_kill_9_of_a_peer_process(tmp_path: Path, essential: bool) -> None
                 assert await run.result() == 0
             pids = run.pids()
         assert not any(alive(pid) for pid in pids)
+
+
+async def test_a_frozen_peer_dropped_by_the_broker_fails_after_ready_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker drops a frozen peer (a PanickMsg for its lost connection): the launcher
+    shows it disconnected and gives it ready_timeout to reconnect or end; then it failed."""
+    quick = functools.partial(Broker, heartbeat_interval=0.2, heartbeat_timeout=1.0)
+    monkeypatch.setattr(peerkit.launch, "Broker", quick)
+    text = """
+        [peers.frozen]
+        class = "launchpeers:Sleeper"
+        essential = false
+        [peers.witness]
+        class = "launchpeers:Sleeper"
+    """
+    with trio.fail_after(40):
+        async with launched(tmp_path, text, ready_timeout=2.0) as run:
+            await run.launcher.running.wait()
+            frozen = run.peers["frozen"]
+            assert frozen.pid is not None
+            os.kill(frozen.pid, signal.SIGSTOP)
+            try:
+                await run.wait(lambda lr: frozen.lost, 10)
+                assert frozen.state == "disconnected" and not frozen.failed
+                await run.wait(lambda lr: frozen.failed, 10)
+            finally:
+                os.kill(frozen.pid, signal.SIGCONT)
+            assert "did not reconnect within 2 s: PeerLost: peer 'frozen' " in frozen.error
+            assert run.peers["witness"].state == "running"
+            run.launcher.stop()
+            assert await run.result() == 0
+
+
+async def test_a_peer_that_reconnects_is_not_a_failure(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """What the broker publishes when a peer's connection drops and the peer resumes
+    (PanickMsg of error type PeerLost, PeerLeft, then PeerJoined(resumed=True)), handed to
+    the launcher as its peer receives them."""
+    text = '[peers.amp]\nclass = "launchpeers:Sleeper"\n'
+    with trio.fail_after(60):
+        async with launched(tmp_path, text, inprocess=True) as run:
+            await run.launcher.running.wait()
+            amp, launcher = run.peers["amp"], run.launcher
+            launcher._on_panick(
+                PanickMsg(
+                    message="peer 'amp' connection lost without goodbye",
+                    error_type="PeerLost",
+                    sender="amp",
+                )
+            )
+            launcher._on_left(
+                PeerLeft(
+                    reason="connection lost without goodbye",
+                    clean=False,
+                    peer_id="amp",
+                    sender="amp",
+                )
+            )
+            assert amp.lost and amp.state == "disconnected" and not amp.is_ready
+            await trio.sleep(5)  # less than ready_timeout (15 s here)
+            launcher._on_joined(PeerJoined(peer_id="amp", resumed=True, sender="amp"))
+            launcher._on_state(
+                PeerStateChanged(
+                    peer_id="amp", old="initializing", new="running", base="running", sender="amp"
+                )
+            )
+            await trio.sleep(30)  # past ready_timeout: it came back, nothing happens
+            assert amp.state == "running" and not amp.failed and not amp.lost
+            assert not run.done.is_set()
+            run.launcher.stop()
+            assert await run.result() == 0
+        assert "amp: disconnected (connection lost without goodbye)" in run.text()
+        assert "amp: reconnected" in run.text()
 
 
 async def test_ready_timeout_names_the_peers_and_why(tmp_path: Path) -> None:
