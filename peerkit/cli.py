@@ -1087,10 +1087,28 @@ def _cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+class _WatchPeer(Peer):
+    """The peer of ``peerkit peers --watch``: says so when it got its broker back (peers
+    reconnect by default), since the events of the time without it are missing."""
+
+    async def _reconnected(self) -> None:
+        _say_error(
+            "peers",
+            f"reconnected to the broker at {self.broker_url}; events while the connection "
+            "was down are missing ('peerkit peers' lists the peers now)",
+        )
+
+
 def _watch_peers(args: argparse.Namespace) -> int:
     """``peerkit peers --watch``: the broker's state events, a line each, as they come."""
     reach = _Reach.from_args(args)
-    peer = _cli_peer(args, "peers", reach)
+    peer = _WatchPeer(
+        args.broker,
+        f"peerkit-peers-{uuid.uuid4().hex[:8]}",
+        token=args.token,
+        connect_timeout=reach.peer_timeout,
+        request_timeout=args.timeout,
+    )
 
     def show(msg: StatusEvent) -> None:
         if msg.sender == peer.peer_id:  # the command itself

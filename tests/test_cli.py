@@ -610,6 +610,43 @@ async def test_peers_watch_ends_when_the_broker_shuts_down() -> None:
     assert rest.decode() == (f"peerkit peers: the broker at {url} shut down; the watch is over\n")
 
 
+async def test_peers_watch_rides_out_a_broker_restart(nursery: trio.Nursery) -> None:
+    """The watch's peer reconnects (as every peer does by default) and says that the events
+    of the time without the broker are missing."""
+
+    async def serve(
+        broker: Broker, scope: trio.CancelScope, task_status: trio.TaskStatus[None]
+    ) -> None:
+        with scope:
+            await broker.run(task_status=task_status)
+
+    with trio.fail_after(30):
+        first, vanish = Broker(), trio.CancelScope()
+        await nursery.start(serve, first, vanish)
+        url = first.url
+        process, out, err = await start_watch(url)
+        try:
+            vanish.cancel()  # no shutdown notice: the connections just drop
+            second = Broker(port=first.port)
+            await nursery.start(serve, second, trio.CancelScope())
+            assert process.stderr is not None
+            assert await read_line(process.stderr, err) == (
+                f"peerkit peers: reconnected to the broker at {url}; events while the "
+                "connection was down are missing ('peerkit peers' lists the peers now)"
+            )
+            async with Peer(url, "late"):
+                pass
+            lines = await lines_until_left(process, out, "late")
+            assert lines[0].endswith("late              joined")
+            process.send_signal(signal.SIGINT)
+            assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        await second.shutdown()
+
+
 def test_peers_duration_needs_watch(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["peers", "--duration", "5"]) == 2
     assert capsys.readouterr().err == (
