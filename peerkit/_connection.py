@@ -24,7 +24,7 @@ from ._batching import take_counted
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, Envelope, control
 from .errors import DecodeError
 from .messages import BrokerGoodbyeMsg, MessagesDropped
-from .protocol import Kind, RequestFailed
+from .protocol import DELIVERY_RANK, Kind, RequestFailed
 
 log = logging.getLogger("peerkit.broker")
 
@@ -39,9 +39,12 @@ class Connection:
     __slots__ = (
         "_seen_in",
         "_seen_out",
+        "backpressure",
         "base",
         "close_reason",
         "connected_at",
+        "delivery",
+        "drained",
         "dropped_pending",
         "dropped_total",
         "frames_in",
@@ -55,6 +58,7 @@ class Connection:
         "msgs_in",
         "msgs_out",
         "out",
+        "paused",
         "peer_id",
         "queued",
         "resume_token",
@@ -86,7 +90,14 @@ class Connection:
         #: envelopes as (head, body, published messages): a control envelope is all head and
         #: carries none; a PUB run's body is shared by every subscriber's queue
         self.out: collections.deque[tuple[bytes, bytes, int]] = collections.deque()
-        self.queued = 0  # published messages in ``out``: at most ``limit``
+        self.queued = 0  # published messages in ``out``: at most ``limit`` (see lossless)
+        #: (type, sender or None) → "latest" or "lossless" for the peer's subscriptions that
+        #: are not delivered the default way ("drop")
+        self.delivery: dict[tuple[str, str | None], str] = {}
+        #: lossless subscribers this peer's last frame overfilled: its reader waits for them
+        self.backpressure: set[Connection] = set()
+        self.drained = trio.Event()  # set when ``out`` falls within the limit again
+        self.paused = False  # the reader waits for back-pressure (it is alive meanwhile)
         self.wakeup = trio.Event()
         self.dropped_pending = 0
         self.dropped_total = 0
@@ -131,6 +142,30 @@ class Connection:
         self.out.append((head, body, count))
         self.wakeup.set()
 
+    def mode_for(self, msg_type: str, sender: str) -> str:
+        """How this peer wants ``msg_type`` from ``sender`` delivered (its strongest
+        subscription that matches)."""
+        specific = self.delivery.get((msg_type, sender), "drop")
+        general = self.delivery.get((msg_type, None), "drop")
+        return specific if DELIVERY_RANK[specific] >= DELIVERY_RANK[general] else general
+
+    def evict_oldest(self, msg_type: str, room: int) -> int:
+        """Make room for ``room`` messages by dropping the oldest queued runs of
+        ``msg_type`` (``latest`` delivery); returns how many messages were dropped."""
+        dropped = 0
+        kept: collections.deque[tuple[bytes, bytes, int]] = collections.deque()
+        for entry in self.out:
+            head, _body, count = entry
+            if count and self.limit - self.queued < room and codec.run_type(head) == msg_type:
+                self.queued -= count
+                dropped += count
+                continue
+            kept.append(entry)
+        if dropped:
+            self.out = kept
+            self.lost(dropped)
+        return dropped
+
     def lost(self, count: int) -> None:
         """Count published messages that did not fit (reported in the next message)."""
         self.dropped_pending += count
@@ -140,7 +175,7 @@ class Connection:
     def note_activity(self, now: float) -> None:
         """Called by the broker's monitor once an interval: what was read or written since
         its last call happened by ``now``."""
-        if self.frames_in != self._seen_in:
+        if self.frames_in != self._seen_in or self.paused:  # paused: we do not read it
             self._seen_in, self.last_seen = self.frames_in, now
         if self.frames_out != self._seen_out:
             self._seen_out, self.last_sent = self.frames_out, now
@@ -154,17 +189,24 @@ class Connection:
         published = take_counted(self.out, limit, parts)
         self.queued -= published
         self.msgs_out += published
+        if self.queued <= self.limit and self.drained.statistics().tasks_waiting:
+            self.drained.set()
+            self.drained = trio.Event()
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     # ------------------------------------------------------------------ tasks
     async def run(
-        self, dispatch: Callable[[Connection, Envelope], None], limit: int, grace_period: float
+        self,
+        dispatch: Callable[[Connection, Envelope], None],
+        limit: int,
+        grace_period: float,
+        stall_timeout: float = 5.0,
     ) -> None:
         """Read and write until the peer goes away or :meth:`kick` (returns either way)."""
         with self.scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, limit)
-                await self._reader(dispatch, grace_period)
+                await self._reader(dispatch, grace_period, stall_timeout)
                 nursery.cancel_scope.cancel()
 
     async def _writer(self, limit: int) -> None:
@@ -180,7 +222,33 @@ class Connection:
                     return  # the reader sees it too
                 self.frames_out += 1
 
-    async def _reader(self, dispatch: Callable[[Connection, Envelope], None], grace: float) -> None:
+    async def _wait_for_lossless(self, stall_timeout: float) -> None:
+        """Back-pressure: this peer's last frame overfilled lossless subscribers; read
+        nothing more from it until they have room (its sends then wait on TCP, and its
+        ``send_message`` waits). A subscriber that drains nothing for ``stall_timeout``
+        seconds is disconnected, and the publisher resumes."""
+        self.paused = True
+        try:
+            for target in list(self.backpressure):
+                while target.queued > target.limit and target.close_reason is None:
+                    drained = target.drained  # replaced by the writer once set
+                    with trio.move_on_after(stall_timeout) as scope:
+                        await drained.wait()
+                    if scope.cancelled_caught:
+                        target.kick(
+                            f"a lossless subscriber that read nothing for {stall_timeout:g} s "
+                            "while publishers waited for it (stall_timeout)"
+                        )
+        finally:
+            self.backpressure.clear()
+            self.paused = False
+
+    async def _reader(
+        self,
+        dispatch: Callable[[Connection, Envelope], None],
+        grace: float,
+        stall_timeout: float,
+    ) -> None:
         ws = self.ws
         while True:
             try:
@@ -196,6 +264,8 @@ class Connection:
             except DecodeError as exc:
                 log.warning("bad frame from %r: %s", self.peer_id, exc)
                 self.push(control(Kind.ERROR, RequestFailed(code="bad_frame", detail=str(exc))))
+            if self.backpressure:
+                await self._wait_for_lossless(stall_timeout)
             if self.goodbye is not None and self.scope.deadline == math.inf:
                 # the peer closes after its goodbye; wait for that (bounded) rather than
                 # closing from both ends at once

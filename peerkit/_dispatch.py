@@ -17,8 +17,8 @@ from ._connection import Connection
 from .codec import Envelope, control, envelope_head, pack_envelope
 from .errors import BrokerRequestError, DecodeError, MultiplePeersAvailable, NoHandlerError
 from .messages import BrokerGoodbyeMsg, PeerStateChanged
-from .protocol import PUB as _PUB
 from .protocol import (
+    DELIVERY_RANK,
     BrokerInfo,
     BrokerTime,
     Kind,
@@ -26,7 +26,9 @@ from .protocol import (
     QueryFailed,
     RegisterHandler,
     RequestFailed,
+    SubscribeOptions,
 )
+from .protocol import PUB as _PUB
 from .routing import RoutingTable
 
 log = logging.getLogger("peerkit.broker")
@@ -133,6 +135,25 @@ class Dispatcher:
             target = conns.get(pid)
             if target is None:
                 continue
+            if count > target.limit - target.queued and target.delivery:
+                mode = target.mode_for(msg_type, sender)
+                if mode == "lossless":  # queue it all; the publisher waits (see Connection)
+                    target.push_run(head, body, count)
+                    source = conns.get(sender)
+                    if source is not None and source is not target:
+                        source.backpressure.add(target)
+                    continue
+                if mode == "latest":  # room for the newest: the oldest of the type go
+                    target.evict_oldest(msg_type, min(count, target.limit))
+                    part, kept = codec.fit_run(
+                        body, count, target.limit - target.queued, newest=True
+                    )
+                    if kept:
+                        part_head = envelope_head(_PUB, msg_type, sender, kept, "", len(part))
+                        target.push_run(part_head, part, kept)
+                    if kept < count:
+                        target.lost(count - kept)
+                    continue
             part, kept = codec.fit_run(body, count, target.limit - target.queued)
             if kept == count:
                 target.push_run(head, body, count)
@@ -171,9 +192,31 @@ class Dispatcher:
             return
         sender = env.target or None
         if env.kind == Kind.SUB:
+            delivery = "drop"
+            if env.body:
+                try:
+                    options = codec.decode_body(SubscribeOptions, env.body)
+                    assert isinstance(options, SubscribeOptions)
+                except DecodeError as exc:
+                    self._nack(conn, env.corr, "bad_request", str(exc))
+                    return
+                delivery = options.delivery
+                if delivery not in DELIVERY_RANK:
+                    self._nack(
+                        conn,
+                        env.corr,
+                        "bad_request",
+                        f"delivery must be one of {', '.join(DELIVERY_RANK)}, not {delivery!r}",
+                    )
+                    return
             self.routing.subscribe(conn.peer_id, env.type, sender)
+            if delivery == "drop":
+                conn.delivery.pop((env.type, sender), None)
+            else:
+                conn.delivery[(env.type, sender)] = delivery
         else:
             self.routing.unsubscribe(conn.peer_id, env.type, sender)
+            conn.delivery.pop((env.type, sender), None)
         self._ack(conn, env.corr)
 
     def _handler_registration(self, conn: Connection, env: Envelope) -> None:

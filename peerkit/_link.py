@@ -107,8 +107,11 @@ class Link:
     url: str
     peer_id: str
     handle: Callable[[Envelope], None]
-    #: called once after each incoming WebSocket message's envelopes were handled
-    frame_done: Callable[[], None] = lambda: None
+    #: called once after each incoming WebSocket message's envelopes were handled; when it
+    #: returns True, the reader awaits ``wait_room()`` before it reads on (back-pressure:
+    #: a lossless subscriber's inbox is over its bound)
+    frame_done: Callable[[], bool | None] = lambda: None
+    wait_room: Callable[[], Awaitable[bool]] | None = None
     token: str | None = None
     ssl_context: ssl.SSLContext | None = None
     connect_timeout: float = 10.0
@@ -145,6 +148,7 @@ class Link:
     _enqueued: int = 0  # items (envelopes, published messages) ever queued
     _sent: int = 0  # ... and ever written
     _frames_in: int = 0  # WebSocket messages received (the heartbeat task reads it)
+    _paused: bool = False  # the reader waits for room (the broker is not silent meanwhile)
     _resume_token: str = ""  # from the last welcome
     _stop_reconnecting: trio.Event = attrs.field(factory=trio.Event)
     _next_corr: int = 1
@@ -610,9 +614,33 @@ class Link:
                 log.error("peer %r: bad frame from the broker: %s", self.peer_id, exc)
             finally:
                 self._in_frame = False
-            self.frame_done()
+            if self.frame_done() and self.wait_room is not None:
+                await self._wait_room(self.wait_room)
             if self._out:  # e.g. the answers to the queries it brought
                 await self._write_inline(shield=False)  # (or wakes the writer)
+
+    async def _wait_room(self, wait_room: Callable[[], Awaitable[bool]]) -> None:
+        """Read nothing until the handlers make progress (lossless back-pressure); handlers
+        that take nothing for the heartbeat timeout give the connection up (the broker
+        disconnects such a subscriber anyway, after its stall_timeout)."""
+        timeout = self.welcome.heartbeat_timeout if self.welcome is not None else 5.0
+        self._paused = True
+        try:
+            while True:
+                with trio.move_on_after(timeout) as scope:
+                    more = await wait_room()
+                if scope.cancelled_caught:
+                    raise _lost(
+                        f"peer {self.peer_id!r}: its handlers took no message for {timeout:g} s "
+                        "while a lossless subscription's messages waited; it gave up its "
+                        "connection (a lossless subscriber must keep up, or it stalls the "
+                        "publishers)",
+                        reconnectable=False,
+                    )
+                if not more:
+                    return
+        finally:
+            self._paused = False
 
     async def _heartbeat(self, welcome: Welcome) -> None:
         """Send a heartbeat when the peer said nothing for an interval; give the broker up
@@ -630,7 +658,7 @@ class Link:
         while True:
             await trio.sleep_until(min(next_beat, heard + timeout))
             now = trio.current_time()
-            if self._frames_in != seen:
+            if self._frames_in != seen or self._paused:  # paused: we are not reading
                 seen, heard = self._frames_in, now
             if now - heard >= timeout:
                 raise _lost(f"no word from the broker at {self.url} for {timeout:g} s")

@@ -77,6 +77,9 @@ class Broker(OwnNursery):
     * ``overflow``: ``"drop"`` (default: drop and tell the subscriber how many) or
       ``"disconnect"`` (close a subscriber that cannot keep up).
     * ``grace_period``: seconds a clean shutdown waits for peers to say goodbye.
+    * ``stall_timeout``: a subscriber with a ``lossless`` subscription slows its
+      publishers down when it cannot keep up (the broker stops reading them); one that
+      drains nothing for this many seconds is disconnected and the publishers resume.
     * ``listen``: ``True`` (default) serves on ``host:port``; ``False`` opens no port:
       the broker is mounted on an application's trio-websocket server, which hands it
       requests with :meth:`handle_request` (see "Embedding peerkit in a trio application").
@@ -97,6 +100,7 @@ class Broker(OwnNursery):
         send_queue_size: int = 10_000,
         overflow: Literal["drop", "disconnect"] = "drop",
         grace_period: float = 2.0,
+        stall_timeout: float = 5.0,
         listen: bool = True,
     ) -> None:
         check_bind(host, token)
@@ -115,6 +119,7 @@ class Broker(OwnNursery):
             ("heartbeat_interval", heartbeat_interval),
             ("heartbeat_timeout", heartbeat_timeout),
             ("grace_period", grace_period),
+            ("stall_timeout", stall_timeout),
         ):
             check_seconds(name, fvalue)
         if heartbeat_timeout <= heartbeat_interval:
@@ -134,6 +139,7 @@ class Broker(OwnNursery):
         self.send_queue_size = send_queue_size
         self.overflow = overflow
         self.grace_period = float(grace_period)
+        self.stall_timeout = float(stall_timeout)
 
         self.listen = bool(listen)
 
@@ -343,7 +349,12 @@ class Broker(OwnNursery):
             if conn is None:
                 return
             try:
-                await conn.run(self._dispatcher.dispatch, self._batch_limit, self.grace_period)
+                await conn.run(
+                    self._dispatcher.dispatch,
+                    self._batch_limit,
+                    self.grace_period,
+                    self.stall_timeout,
+                )
             finally:
                 self._remove(conn)
         except* (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):

@@ -6,7 +6,7 @@ import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import trio
 
@@ -22,6 +22,7 @@ from .errors import (
     DecodeError,
     NotConnectedException,
     PeerkitError,
+    QueryAnswerUnknown,
     ShuttingDownException,
 )
 from .messages import (
@@ -33,6 +34,7 @@ from .messages import (
     message_type_of,
 )
 from .protocol import (
+    DELIVERIES,
     PUB,
     SHARE_POLICIES,
     BrokerInfo,
@@ -45,22 +47,34 @@ from .states import PeerState, State, StateMachine, base_state
 __all__ = ["Peer", "query_handler", "subscribe"]
 
 M = TypeVar("M", bound=Message)
+R = TypeVar("R", bound=Message)
 F = TypeVar("F", bound=Callable[..., Any])
 # ------------------------------------------------------------------ decorators
 
 
-def subscribe(msg_type: type[Message], *, sender: str | None = None) -> Callable[[F], F]:
-    """Declare a method as a handler of ``msg_type`` (from ``sender``, or from everyone).
+def subscribe(
+    msg_type: type[Message], *, sender: str | None = None, delivery: str = "drop"
+) -> Callable[[F], F]:
+    """Declare a method as a handler of ``msg_type`` (from ``sender``, or from everyone),
+    delivered the ``delivery`` way (see :meth:`Peer.subscribe_for_all_msg_subtype`).
 
     The peer subscribes it once connected, before ``run()`` reports the peer started.
     """
     message_type_of(msg_type)  # fail early for an unregistered class
+    _check_delivery(delivery)
 
     def deco(fn: F) -> F:
-        fn.__dict__.setdefault("__peerkit_subscribe__", []).append((msg_type, sender))
+        fn.__dict__.setdefault("__peerkit_subscribe__", []).append((msg_type, sender, delivery))
         return fn
 
     return deco
+
+
+def _check_delivery(delivery: str) -> None:
+    if delivery not in DELIVERIES:
+        raise PeerkitError(
+            f"delivery must be one of {', '.join(repr(d) for d in DELIVERIES)}, not {delivery!r}"
+        )
 
 
 def query_handler(msg_type: type[Message], *, policy: str = "exclusive") -> Callable[[F], F]:
@@ -99,7 +113,15 @@ class Peer(StateMachine, OwnNursery):
     handlers; overflow drops and counts),
     ``max_concurrent_queries`` (async query handlers running at once; a plain-function
     handler answers as its query arrives), ``reconnect`` and ``reconnect_timeout`` (below),
-    ``is_essential``.
+    ``on_handler_error``, ``is_essential``.
+
+    A subscription handler that raises kills the peer by default
+    (``on_handler_error="raise"``): ``PanickMsg``, goodbye with the error, ``run()`` raises
+    it. Peers that must survive one bad message (a recorder) pass
+    ``on_handler_error="log"``: the error is counted in ``handler_errors`` and logged (at
+    most once a second, with the count of those not logged) and the next message is
+    handled. (A query handler's error never kills its peer: the asker gets it as a
+    :class:`RemoteError`.)
 
     Reconnection: a peer that loses an established connection to its broker (the broker
     vanished, the network dropped) does not die with it (``reconnect=True``, the default):
@@ -124,12 +146,12 @@ class Peer(StateMachine, OwnNursery):
     #: Whether the experiment stops when this peer panics (reported in ``PanickMsg``).
     is_essential: bool = True
 
-    _declared_subs: tuple[tuple[str, type[Message], str | None], ...] = ()
+    _declared_subs: tuple[tuple[str, type[Message], str | None, str], ...] = ()
     _declared_queries: tuple[tuple[str, type[Message], str], ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        subs: list[tuple[str, type[Message], str | None]] = []
+        subs: list[tuple[str, type[Message], str | None, str]] = []
         queries: list[tuple[str, type[Message], str]] = []
         seen: set[str] = set()
         for klass in cls.__mro__:
@@ -137,8 +159,8 @@ class Peer(StateMachine, OwnNursery):
                 if name in seen:
                     continue
                 seen.add(name)
-                for msg_type, sender in getattr(value, "__peerkit_subscribe__", ()):
-                    subs.append((name, msg_type, sender))
+                for msg_type, sender, delivery in getattr(value, "__peerkit_subscribe__", ()):
+                    subs.append((name, msg_type, sender, delivery))
                 q = getattr(value, "__peerkit_query__", None)
                 if q is not None:
                     queries.append((name, q[0], q[1]))
@@ -164,6 +186,7 @@ class Peer(StateMachine, OwnNursery):
         max_concurrent_queries: int = 16,
         reconnect: bool = True,
         reconnect_timeout: float = 30.0,
+        on_handler_error: str = "raise",
         is_essential: bool | None = None,
     ) -> None:
         super().__init__()
@@ -237,8 +260,20 @@ class Peer(StateMachine, OwnNursery):
             reconnect_timeout=float(reconnect_timeout),
             on_resume=self._resume,
         )
-        self._subs = Subscriptions(self._link, peer_id, receive_queue_size, self.request_timeout)
+        if on_handler_error not in ("raise", "log"):
+            raise PeerkitError(
+                f"on_handler_error must be 'raise' (a handler's error kills the peer) or "
+                f"'log' (counted, logged, the peer carries on), got {on_handler_error!r}"
+            )
+        self._subs = Subscriptions(
+            self._link,
+            peer_id,
+            receive_queue_size,
+            self.request_timeout,
+            log_handler_errors=on_handler_error == "log",
+        )
         self._link.frame_done = self._subs.report_drops
+        self._link.wait_room = self._subs.wait_room
         self._queries = Queries(
             self._link,
             peer_id,
@@ -271,6 +306,11 @@ class Peer(StateMachine, OwnNursery):
     def decode_errors(self) -> int:
         """Messages that arrived but could not be decoded (each was logged)."""
         return self._subs.decode_errors
+
+    @property
+    def handler_errors(self) -> int:
+        """Exceptions subscription handlers raised (with ``on_handler_error="log"``)."""
+        return self._subs.handler_errors
 
     @property
     def link_up(self) -> bool:
@@ -652,8 +692,8 @@ class Peer(StateMachine, OwnNursery):
 
     async def _register_declared(self) -> None:
         await self._subs.add(PeerControlMessage, None, self._on_control)
-        for name, msg_type, sender in self._declared_subs:
-            await self._subs.add(msg_type, sender, getattr(self, name))
+        for name, msg_type, sender, delivery in self._declared_subs:
+            await self._subs.add(msg_type, sender, getattr(self, name), delivery)
         for name, msg_type, policy in self._declared_queries:
             await self.register_query_handler(msg_type, getattr(self, name), policy=policy)
 
@@ -752,24 +792,37 @@ class Peer(StateMachine, OwnNursery):
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def subscribe_for_all_msg_subtype(
-        self, msg_type: type[M], handler: Callable[[M], Any]
+        self, msg_type: type[M], handler: Callable[[M], Any], *, delivery: str = "drop"
     ) -> None:
         """Call ``handler(msg)`` for every ``msg_type`` message, from every sender.
 
         Returns once the broker has the subscription. Handlers (sync or async) run one at a
         time, in arrival order; an exception escaping one shuts the peer down with it.
+
+        ``delivery`` says what happens when this peer cannot keep up: ``"drop"`` (the
+        default) drops the newest messages and counts them (``dropped_messages``,
+        ``MessagesDropped``); ``"latest"`` keeps the newest and drops the oldest (counted),
+        for live displays; ``"lossless"`` drops nothing: the broker slows the publishers
+        down instead (their ``send_message`` waits), and disconnects this peer if it takes
+        nothing for the broker's ``stall_timeout``. See "Failures and recovery".
         """
         self._require_connected("subscribing")
-        await self._subs.add(msg_type, None, handler)
+        await self._subs.add(msg_type, None, handler, delivery)
 
     async def subscribe_for_specific_msg_subtype(
-        self, msg_type: type[M], sender_id: str, handler: Callable[[M], Any]
+        self,
+        msg_type: type[M],
+        sender_id: str,
+        handler: Callable[[M], Any],
+        *,
+        delivery: str = "drop",
     ) -> None:
-        """Call ``handler(msg)`` for ``msg_type`` messages sent by ``sender_id`` only."""
+        """Call ``handler(msg)`` for ``msg_type`` messages sent by ``sender_id`` only
+        (``delivery`` as for :meth:`subscribe_for_all_msg_subtype`)."""
         if not isinstance(sender_id, str) or not sender_id:
             raise PeerkitError(f"sender_id must be a peer id, got {sender_id!r}")
         self._require_connected("subscribing")
-        await self._subs.add(msg_type, sender_id, handler)
+        await self._subs.add(msg_type, sender_id, handler, delivery)
 
     async def unsubscribe(
         self, msg_type: type[Message], handler: Handler | None = None, *, sender: str | None = None
@@ -782,7 +835,12 @@ class Peer(StateMachine, OwnNursery):
 
     @asynccontextmanager
     async def subscription(
-        self, msg_type: type[M], *, sender: str | None = None, buffer: int = 100
+        self,
+        msg_type: type[M],
+        *,
+        sender: str | None = None,
+        buffer: int = 100,
+        delivery: str = "drop",
     ) -> AsyncIterator[trio.MemoryReceiveChannel[M]]:
         """Pull form: ``async with peer.subscription(T) as stream: async for msg in stream``.
 
@@ -790,7 +848,7 @@ class Peer(StateMachine, OwnNursery):
         for the consumer (and the broker drops and reports beyond its own queue).
         """
         self._require_connected("subscribing")
-        async with self._subs.stream(msg_type, sender, buffer) as stream:
+        async with self._subs.stream(msg_type, sender, buffer, delivery) as stream:
             yield stream
 
     async def register_query_handler(
@@ -813,21 +871,59 @@ class Peer(StateMachine, OwnNursery):
         """Stop answering ``msg_type`` queries."""
         await self._queries.unregister(msg_type, tell_broker=not self.is_shutting_down)
 
-    async def query(self, msg: Message, timeout: float | None = None) -> Message:
+    @overload
+    async def query(self, msg: Message, timeout: float | None = None) -> Message: ...
+
+    @overload
+    async def query(self, msg: Message, timeout: float | None = None, *, reply: type[R]) -> R: ...
+
+    async def query(
+        self, msg: Message, timeout: float | None = None, *, reply: type[Message] | None = None
+    ) -> Message:
         """Ask whichever peer handles ``type(msg)`` and return its response.
+
+        With ``reply=ResponseType`` the response is checked to be one (else
+        :class:`QueryAnswerUnknown`), and a type checker knows the result's type.
 
         Raises :class:`NoHandlerError`, :class:`RemoteError`, :class:`HandlerGoneError`,
         :class:`MultiplePeersAvailable` or :class:`QueryTimeout` (all
         :class:`QueryAnswerUnknown`), or :class:`BrokerLostError` when the connection to the
         broker is lost meanwhile.
         """
-        return await self._ask("", msg, timeout)
+        return self._check_reply(await self._ask("", msg, timeout), reply)
 
-    async def ask_peer(self, peer_id: str, msg: Message, timeout: float | None = None) -> Message:
-        """Ask the named peer (it answers with its query handler for ``type(msg)``)."""
+    @overload
+    async def ask_peer(
+        self, peer_id: str, msg: Message, timeout: float | None = None
+    ) -> Message: ...
+
+    @overload
+    async def ask_peer(
+        self, peer_id: str, msg: Message, timeout: float | None = None, *, reply: type[R]
+    ) -> R: ...
+
+    async def ask_peer(
+        self,
+        peer_id: str,
+        msg: Message,
+        timeout: float | None = None,
+        *,
+        reply: type[Message] | None = None,
+    ) -> Message:
+        """Ask the named peer (it answers with its query handler for ``type(msg)``);
+        ``reply`` as for :meth:`query`."""
         if not isinstance(peer_id, str) or not peer_id:
             raise PeerkitError(f"peer_id must be a peer id, got {peer_id!r}")
-        return await self._ask(peer_id, msg, timeout)
+        return self._check_reply(await self._ask(peer_id, msg, timeout), reply)
+
+    @staticmethod
+    def _check_reply(answer: Message, reply: type[Message] | None) -> Message:
+        if reply is not None and not isinstance(answer, reply):
+            raise QueryAnswerUnknown(
+                f"{answer.sender!r} answered with {type(answer).__name__}, not the "
+                f"{reply.__name__} the caller expects (reply={reply.__name__})"
+            )
+        return answer
 
     async def _ask(self, target: str, msg: Message, timeout: float | None) -> Message:
         if not self.is_connected and not (self.is_shutting_down and self._link.up):
