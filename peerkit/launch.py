@@ -235,11 +235,14 @@ class Launcher:
                 ctl = Peer(broker.url, LAUNCHER_ID, token=self.token)
                 await nursery.start(ctl.run)
                 self._ctl = ctl
-                # before any peer starts: every event of every peer reaches the launcher
-                await ctl.subscribe_for_all_msg_subtype(PanickMsg, self._on_panick)
-                await ctl.subscribe_for_all_msg_subtype(PeerJoined, self._on_joined)
-                await ctl.subscribe_for_all_msg_subtype(PeerStateChanged, self._on_state)
-                await ctl.subscribe_for_all_msg_subtype(PeerLeft, self._on_left)
+                # before any peer starts, and lossless (they are few, and a missed failure
+                # or state would leave the launcher wrong): every event of every peer
+                lossless = "lossless"
+                every = ctl.subscribe_for_all_msg_subtype
+                await every(PanickMsg, self._on_panick, delivery=lossless)
+                await every(PeerJoined, self._on_joined, delivery=lossless)
+                await every(PeerStateChanged, self._on_state, delivery=lossless)
+                await every(PeerLeft, self._on_left, delivery=lossless)
                 nursery.start_soon(self._monitor)
                 async with trio.open_nursery() as children:
                     self._children = children
