@@ -38,7 +38,7 @@ class SignalChunk(Message):
 
     #: 0, 1, 2... per publisher: a missing number is a lost chunk
     seq: int
-    #: time of the chunk's first sample (seconds since the epoch)
+    #: when the chunk was complete: its last sample's time (seconds since the epoch)
     timestamp: float
     sampling_rate: float
     channel_count: int
