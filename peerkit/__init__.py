@@ -5,7 +5,8 @@ trio nursery and follows a strict lifecycle (see :mod:`peerkit.states`).
 """
 
 from .broker import Broker
-from .config import ConfigServer, ConfiguredPeer
+from .config.configured import ConfigServer, ConfiguredPeer
+from .config.params import param
 from .errors import (
     BrokerConnectError,
     BrokerLostError,
@@ -29,7 +30,6 @@ from .errors import (
     UnknownMessageType,
 )
 from .messages import Message, message
-from .params import param
 from .peer import Peer, query_handler, subscribe
 from .states import CustomState, PeerState
 

@@ -46,9 +46,9 @@ import trio
 
 from . import dashboard as _dashboard
 from ._completion import SHELLS, bash_script, zsh_script
-from ._status import StatusEvent, event_line, event_record, peer_records, peers_table
 from .broker import Broker
-from .config import ConfigServer, ConfiguredPeer
+from .config.configured import ConfigServer, ConfiguredPeer
+from .config.params import ConfigError, merge_overrides, parse_overrides
 from .errors import (
     BrokerConnectError,
     BrokerLostError,
@@ -58,8 +58,9 @@ from .errors import (
     PeerkitError,
     QueryTimeout,
 )
-from .experiment import CONFIG_SERVER_ID, ExperimentError, import_class, load_experiment
-from .launch import LOG_FORMAT, Launcher
+from .launch._status import StatusEvent, event_line, event_record, peer_records, peers_table
+from .launch.experiment import CONFIG_SERVER_ID, ExperimentError, import_class, load_experiment
+from .launch.launcher import LOG_FORMAT, Launcher
 from .messages import (
     CONTROL_ACTIONS,
     OkMsg,
@@ -68,7 +69,6 @@ from .messages import (
     PeerLeft,
     PeerStateChanged,
 )
-from .params import ConfigError, merge_overrides, parse_overrides
 from .peer import Peer
 from .protocol import BrokerInfo
 

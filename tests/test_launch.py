@@ -19,11 +19,11 @@ import trio.testing
 from launchhelpers import alive, launched, write_experiment
 from launchpeers import Sleeper, Tick
 
-import peerkit.launch
+import peerkit.launch.launcher
 from peerkit import Broker, Peer
-from peerkit._status import LogView, PeerRow, TerminalView, format_table
 from peerkit.experiment import load_experiment
 from peerkit.launch import Launcher, current_run_dir
+from peerkit.launch._status import LogView, PeerRow, TerminalView, format_table
 from peerkit.messages import (
     PanickMsg,
     PeerControlMessage,
@@ -205,7 +205,7 @@ async def test_a_frozen_peer_dropped_by_the_broker_fails_after_ready_timeout(
     """The broker drops a frozen peer (a PanickMsg for its lost connection): the launcher
     shows it disconnected and gives it ready_timeout to reconnect or end; then it failed."""
     quick = functools.partial(Broker, heartbeat_interval=0.2, heartbeat_timeout=1.0)
-    monkeypatch.setattr(peerkit.launch, "Broker", quick)
+    monkeypatch.setattr(peerkit.launch.launcher, "Broker", quick)
     text = """
         [peers.frozen]
         class = "launchpeers:Sleeper"
