@@ -7,6 +7,7 @@ trio nursery and follows a strict lifecycle (see :mod:`peerkit.states`).
 from .broker import Broker
 from .config import ConfigServer, ConfiguredPeer
 from .errors import (
+    BrokerBusyError,
     BrokerConnectError,
     BrokerLostError,
     BrokerRequestError,
@@ -52,6 +53,7 @@ def __getattr__(name: str) -> str:
 
 __all__ = [
     "Broker",
+    "BrokerBusyError",
     "BrokerConnectError",
     "BrokerLostError",
     "BrokerRequestError",

@@ -3,8 +3,13 @@
 A :class:`Connection` owns its trio-websocket connection, its bounded outgoing queue and the
 two tasks that use them: the *reader* hands every incoming envelope to the broker's
 dispatch function, and the *writer* packs whatever is queued into one WebSocket message. The
-broker never waits for a slow peer: published messages that do not fit in the queue are
-dropped and counted (reported to the peer at the head of its next message).
+broker never waits for a slow peer: published messages that do not fit in the queue (in
+messages or in bytes) are dropped and counted (reported to the peer at the head of its next
+message). Control envelopes are never dropped: a peer that lets too many of them (or too many
+bytes of them) pile up does not read its connection and is disconnected.
+
+The reader yields to the scheduler every :data:`YIELD_EVERY` envelopes, so that a frame of
+many thousand small envelopes cannot hold the broker's event loop for long.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import trio
 import trio_websocket
 
 from . import codec, jsonwire
-from ._batching import take_counted
+from ._batching import MAX_BATCH
+from ._limits import DEFAULT_SEND_QUEUE_BYTES, TokenBucket
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, Envelope, control
 from .errors import DecodeError
 from .messages import BrokerGoodbyeMsg, MessagesDropped
@@ -31,6 +37,9 @@ log = logging.getLogger("peerkit.broker")
 #: published messages before the broker gives the peer up as not reading.
 CONTROL_BACKLOG = 4096
 
+#: The reader lets other tasks run after this many envelopes of one frame.
+YIELD_EVERY = 256
+
 
 class Connection:
     """One peer's connection (see the module docstring)."""
@@ -41,20 +50,25 @@ class Connection:
         "base",
         "close_reason",
         "connected_at",
+        "control_bytes",
+        "controls",
         "dropped_pending",
         "dropped_total",
         "frames_in",
         "frames_out",
         "goodbye",
+        "info_bucket",
         "json",
         "last_seen",
         "last_sent",
         "limit",
+        "max_bytes",
         "max_message_size",
         "msgs_in",
         "msgs_out",
         "out",
         "peer_id",
+        "published_bytes",
         "queued",
         "scope",
         "state",
@@ -70,6 +84,7 @@ class Connection:
         *,
         json: bool = False,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_bytes: int = DEFAULT_SEND_QUEUE_BYTES,
     ) -> None:
         self.peer_id = peer_id
         self.ws = ws
@@ -83,6 +98,13 @@ class Connection:
         #: carries none; a PUB run's body is shared by every subscriber's queue
         self.out: collections.deque[tuple[bytes, bytes, int]] = collections.deque()
         self.queued = 0  # published messages in ``out``: at most ``limit``
+        #: bytes of the published messages in ``out`` (heads included): at most ``max_bytes``
+        self.published_bytes = 0
+        self.max_bytes = max_bytes
+        self.controls = 0  # control envelopes in ``out``
+        self.control_bytes = 0  # ... and their bytes
+        #: rate limit of broker-info requests (made at the first one)
+        self.info_bucket: TokenBucket | None = None
         self.wakeup = trio.Event()
         self.dropped_pending = 0
         self.dropped_total = 0
@@ -108,22 +130,33 @@ class Connection:
             log.warning("disconnecting %r: %s", self.peer_id, reason)
         self.scope.cancel(reason=reason)
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting in the outgoing queue, published messages and control envelopes."""
+        return self.published_bytes + self.control_bytes
+
+    def room(self) -> tuple[int, int]:
+        """Room left for published messages: (messages, bytes)."""
+        return self.limit - self.queued, self.max_bytes - self.published_bytes
+
     def push(self, data: bytes) -> None:
         """Queue a control envelope. These are never dropped; a peer that lets more than
-        :data:`CONTROL_BACKLOG` of them (beside its published messages) pile up does not
-        read what it asked for, and is disconnected."""
-        out = self.out
-        out.append((data, b"", 0))
+        :data:`CONTROL_BACKLOG` of them, or more than ``max_bytes`` of them, pile up does
+        not read its connection, and is disconnected."""
+        self.out.append((data, b"", 0))
+        self.controls += 1
+        self.control_bytes += len(data)
         self.wakeup.set()
-        if len(out) > self.limit + CONTROL_BACKLOG:
+        if self.controls > CONTROL_BACKLOG or self.control_bytes > self.max_bytes:
             self.kick(
-                f"it does not read the broker's answers ({len(out)} envelopes waiting; "
-                "a peer must keep reading its connection)"
+                f"it does not read the broker's answers ({self.controls} envelopes, "
+                f"{self.control_bytes} bytes waiting; a peer must keep reading its connection)"
             )
 
     def push_run(self, head: bytes, body: bytes, count: int) -> None:
         """Queue a PUB envelope of ``count`` messages (the caller checked the room)."""
         self.queued += count
+        self.published_bytes += len(head) + len(body)
         self.out.append((head, body, count))
         self.wakeup.set()
 
@@ -147,8 +180,27 @@ class Connection:
         if self.dropped_pending:
             parts.append(control(Kind.DROPPED, MessagesDropped(count=self.dropped_pending)))
             self.dropped_pending = 0
-        published = take_counted(self.out, limit, parts)
+        # Stops past ``limit`` bytes or at MAX_BATCH envelopes; one is always taken.
+        out = self.out
+        append = parts.append
+        size = envelopes = runs = published = published_bytes = 0
+        while out and size < limit and envelopes < MAX_BATCH:
+            head, body, count = out.popleft()
+            append(head)
+            if count:
+                append(body)
+                n = len(head) + len(body)
+                runs += 1
+                published += count
+                published_bytes += n
+            else:  # a control envelope is all head
+                n = len(head)
+            size += n
+            envelopes += 1
         self.queued -= published
+        self.published_bytes -= published_bytes
+        self.controls -= envelopes - runs
+        self.control_bytes -= size - published_bytes
         self.msgs_out += published
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -187,8 +239,15 @@ class Connection:
             try:
                 if isinstance(frame, str):
                     frame = jsonwire.json_to_frame(frame, self.max_message_size)
+                handled = 0
                 for env in codec.iter_envelopes(frame):
                     dispatch(self, env)
+                    handled += 1
+                    if handled == YIELD_EVERY:
+                        # a frame may hold many thousand envelopes: let the other
+                        # connections (and this one's writer) have their turn
+                        handled = 0
+                        await trio.lowlevel.checkpoint()
             except DecodeError as exc:
                 log.warning("bad frame from %r: %s", self.peer_id, exc)
                 self.push(control(Kind.ERROR, RequestFailed(code="bad_frame", detail=str(exc))))
