@@ -9,7 +9,10 @@ message). Control envelopes are never dropped: a peer that lets too many of them
 bytes of them) pile up does not read its connection and is disconnected.
 
 The reader yields to the scheduler every :data:`YIELD_EVERY` envelopes, so that a frame of
-many thousand small envelopes cannot hold the broker's event loop for long.
+many thousand small envelopes cannot hold the broker's event loop for long; and when the
+answers to the peer's own requests pile up (more than :data:`ANSWER_BACKLOG`), it reads no
+more until the writer has caught up: a peer that asks faster than it reads is slowed down
+(back-pressure onto its socket), not disconnected.
 """
 
 from __future__ import annotations
@@ -40,13 +43,27 @@ CONTROL_BACKLOG = 4096
 #: The reader lets other tasks run after this many envelopes of one frame.
 YIELD_EVERY = 256
 
+#: Answers to a peer's own requests that may wait before its reader waits for the writer.
+ANSWER_BACKLOG = 1024
+
+#: Seconds the reader waits for the writer to make progress before it reads on anyway (the
+#: peer does not read at all, or waits to write itself: never a deadlock).
+WRITER_STALL = 1.0
+
+#: The third item of a queued answer (a control envelope that answers the peer itself).
+_ANSWER = -1
+
 
 class Connection:
     """One peer's connection (see the module docstring)."""
 
     __slots__ = (
+        "_heard",
+        "_progress",
         "_seen_in",
         "_seen_out",
+        "_stalled",
+        "answers",
         "base",
         "close_reason",
         "connected_at",
@@ -95,7 +112,8 @@ class Connection:
         self.connected_at = time.time()
         self.limit = limit
         #: envelopes as (head, body, published messages): a control envelope is all head and
-        #: carries none; a PUB run's body is shared by every subscriber's queue
+        #: carries none (-1 for an answer to the peer's own request); a PUB run's body is
+        #: shared by every subscriber's queue
         self.out: collections.deque[tuple[bytes, bytes, int]] = collections.deque()
         self.queued = 0  # published messages in ``out``: at most ``limit``
         #: bytes of the published messages in ``out`` (heads included): at most ``max_bytes``
@@ -103,6 +121,9 @@ class Connection:
         self.max_bytes = max_bytes
         self.controls = 0  # control envelopes in ``out``
         self.control_bytes = 0  # ... and their bytes
+        self.answers = 0  # ... those that answer the peer's own requests
+        self._stalled = False  # the writer made no progress while the reader waited for it
+        self._progress = trio.lowlevel.ParkingLot()  # unparked whenever the writer wrote
         #: rate limit of broker-info requests (made at the first one)
         self.info_bucket: TokenBucket | None = None
         self.wakeup = trio.Event()
@@ -113,6 +134,8 @@ class Connection:
         #: WebSocket messages read and written (the broker's monitor turns their changes
         #: into ``last_seen`` and ``last_sent``, so the hot paths read no clock)
         self.frames_in = self.frames_out = 0
+        #: counts frames read and parts of long frames handled: signs of life
+        self._heard = 0
         self._seen_in = self._seen_out = 0
         self.last_seen = trio.current_time()
         self.last_sent = self.last_seen
@@ -141,13 +164,23 @@ class Connection:
 
     def push(self, data: bytes) -> None:
         """Queue a control envelope. These are never dropped; a peer that lets more than
-        :data:`CONTROL_BACKLOG` of them, or more than ``max_bytes`` of them, pile up does
-        not read its connection, and is disconnected."""
-        self.out.append((data, b"", 0))
+        :data:`CONTROL_BACKLOG` of them (beside its published messages), or more than
+        ``max_bytes`` of them, pile up does not read its connection, and is disconnected."""
+        self._push_control(data, 0)
+
+    def answer(self, data: bytes) -> None:
+        """Queue a control envelope that answers something this peer sent (see
+        :data:`ANSWER_BACKLOG`)."""
+        self.answers += 1
+        self._push_control(data, _ANSWER)
+
+    def _push_control(self, data: bytes, tag: int) -> None:
+        out = self.out
+        out.append((data, b"", tag))
         self.controls += 1
         self.control_bytes += len(data)
         self.wakeup.set()
-        if self.controls > CONTROL_BACKLOG or self.control_bytes > self.max_bytes:
+        if len(out) > self.limit + CONTROL_BACKLOG or self.control_bytes > self.max_bytes:
             self.kick(
                 f"it does not read the broker's answers ({self.controls} envelopes, "
                 f"{self.control_bytes} bytes waiting; a peer must keep reading its connection)"
@@ -169,8 +202,8 @@ class Connection:
     def note_activity(self, now: float) -> None:
         """Called by the broker's monitor once an interval: what was read or written since
         its last call happened by ``now``."""
-        if self.frames_in != self._seen_in:
-            self._seen_in, self.last_seen = self.frames_in, now
+        if self._heard != self._seen_in:
+            self._seen_in, self.last_seen = self._heard, now
         if self.frames_out != self._seen_out:
             self._seen_out, self.last_sent = self.frames_out, now
 
@@ -183,11 +216,11 @@ class Connection:
         # Stops past ``limit`` bytes or at MAX_BATCH envelopes; one is always taken.
         out = self.out
         append = parts.append
-        size = envelopes = runs = published = published_bytes = 0
+        size = envelopes = runs = answers = published = published_bytes = 0
         while out and size < limit and envelopes < MAX_BATCH:
             head, body, count = out.popleft()
             append(head)
-            if count:
+            if count > 0:
                 append(body)
                 n = len(head) + len(body)
                 runs += 1
@@ -195,12 +228,15 @@ class Connection:
                 published_bytes += n
             else:  # a control envelope is all head
                 n = len(head)
+                if count:
+                    answers += 1
             size += n
             envelopes += 1
         self.queued -= published
         self.published_bytes -= published_bytes
         self.controls -= envelopes - runs
         self.control_bytes -= size - published_bytes
+        self.answers -= answers
         self.msgs_out += published
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -227,6 +263,8 @@ class Connection:
                 except trio_websocket.ConnectionClosed:
                     return  # the reader sees it too
                 self.frames_out += 1
+                self._stalled = False
+                self._progress.unpark_all()
 
     async def _reader(self, dispatch: Callable[[Connection, Envelope], None], grace: float) -> None:
         ws = self.ws
@@ -236,9 +274,12 @@ class Connection:
             except trio_websocket.ConnectionClosed:
                 return
             self.frames_in += 1
+            self._heard += 1
             try:
                 if isinstance(frame, str):
                     frame = jsonwire.json_to_frame(frame, self.max_message_size)
+                if self.answers > ANSWER_BACKLOG:
+                    await self._catch_up()
                 handled = 0
                 for env in codec.iter_envelopes(frame):
                     dispatch(self, env)
@@ -247,11 +288,32 @@ class Connection:
                         # a frame may hold many thousand envelopes: let the other
                         # connections (and this one's writer) have their turn
                         handled = 0
-                        await trio.lowlevel.checkpoint()
+                        self._heard += 1
+                        if self.answers > ANSWER_BACKLOG:
+                            await self._catch_up()
+                        else:
+                            await trio.lowlevel.checkpoint()
             except DecodeError as exc:
                 log.warning("bad frame from %r: %s", self.peer_id, exc)
-                self.push(control(Kind.ERROR, RequestFailed(code="bad_frame", detail=str(exc))))
+                self.answer(control(Kind.ERROR, RequestFailed(code="bad_frame", detail=str(exc))))
             if self.goodbye is not None and self.scope.deadline == math.inf:
                 # the peer closes after its goodbye; wait for that (bounded) rather than
                 # closing from both ends at once
                 self.scope.deadline = trio.current_time() + grace
+
+    async def _catch_up(self) -> None:
+        """The answers to this peer's own requests pile up: read nothing more until the
+        writer has taken half of them (the peer asks faster than it reads; this slows it
+        down through its socket). If the writer makes no progress for
+        :data:`WRITER_STALL` seconds, read on and stop waiting until it does: the peer
+        does not read at all (the backlog bound disconnects it), or it is itself waiting
+        to write to us (reading on ends that)."""
+        while self.answers > ANSWER_BACKLOG // 2 and not self._stalled:
+            written = self.frames_out
+            with trio.move_on_after(WRITER_STALL):
+                await self._progress.park()
+            if self.frames_out == written:
+                self._stalled = True
+            else:
+                self._heard += 1  # it reads what it asked for: a sign of life
+        await trio.lowlevel.checkpoint()

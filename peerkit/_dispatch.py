@@ -123,7 +123,9 @@ class Dispatcher:
             self._answer_info(conn, env.corr)
         elif kind == Kind.TIME:
             now = BrokerTime(time=time.time())
-            conn.push(control(Kind.REPLY, now, corr=env.corr, type=_BROKER_TIME, sender=BROKER_ID))
+            conn.answer(
+                control(Kind.REPLY, now, corr=env.corr, type=_BROKER_TIME, sender=BROKER_ID)
+            )
         elif kind == Kind.STATE:
             try:
                 report = codec.decode_body(PeerStateReport, env.body)
@@ -221,7 +223,7 @@ class Dispatcher:
         """Refuse an envelope: one answer, to whoever waits for one."""
         kind = env.kind
         if kind == Kind.QUERY:
-            self.query_failed(conn.peer_id, env.corr, QueryFailed(code=code, detail=detail))
+            self._query_refused(conn, env.corr, QueryFailed(code=code, detail=detail))
         elif kind in _ANSWERS:
             # the asker waits for this answer: it gets the failure instead; the handler is
             # told what was wrong with its answer
@@ -242,14 +244,20 @@ class Dispatcher:
         else:
             self._error(conn, code, detail)
 
+    # The answers to what ``conn`` sent go through conn.answer(): its reader waits for the
+    # writer when they pile up (see peerkit._connection).
     def _error(self, conn: Connection, code: str, detail: str) -> None:
-        conn.push(control(Kind.ERROR, RequestFailed(code=code, detail=detail)))
+        conn.answer(control(Kind.ERROR, RequestFailed(code=code, detail=detail)))
 
     def _ack(self, conn: Connection, corr: int) -> None:
-        conn.push(pack_envelope(int(Kind.ACK), "", BROKER_ID, corr))
+        conn.answer(pack_envelope(int(Kind.ACK), "", BROKER_ID, corr))
 
     def _nack(self, conn: Connection, corr: int, code: str, detail: str) -> None:
-        conn.push(control(Kind.NACK, RequestFailed(code=code, detail=detail), corr=corr))
+        conn.answer(control(Kind.NACK, RequestFailed(code=code, detail=detail), corr=corr))
+
+    def _query_refused(self, conn: Connection, corr: int, failure: QueryFailed) -> None:
+        """The query ``corr`` that ``conn`` just sent fails at once."""
+        conn.answer(control(Kind.QERR, failure, corr=corr, sender=BROKER_ID))
 
     def _subscription(self, conn: Connection, env: Envelope) -> None:
         if not env.type:
@@ -274,7 +282,7 @@ class Dispatcher:
         if bucket is None:
             bucket = conn.info_bucket = TokenBucket(self.limits.info_rate, now)
         if not bucket.take(now):
-            conn.push(pack_envelope(int(Kind.NACK), "", "", corr, "", self._info_busy))
+            conn.answer(pack_envelope(int(Kind.NACK), "", "", corr, "", self._info_busy))
             return
         key = (conn.frames_in, self.routing.changes)
         cache = self._info_cache
@@ -283,7 +291,7 @@ class Dispatcher:
         else:
             body = codec.encode_body(self.info())
             self._info_cache = (conn, key, body)
-        conn.push(pack_envelope(int(Kind.REPLY), _BROKER_INFO, BROKER_ID, corr, "", body))
+        conn.answer(pack_envelope(int(Kind.REPLY), _BROKER_INFO, BROKER_ID, corr, "", body))
 
     def _handler_registration(self, conn: Connection, env: Envelope) -> None:
         try:
@@ -310,8 +318,8 @@ class Dispatcher:
         if env.target:
             handler = env.target
             if handler not in self.conns:
-                self.query_failed(
-                    conn.peer_id,
+                self._query_refused(
+                    conn,
                     env.corr,
                     QueryFailed(
                         code="no_handler",
@@ -324,13 +332,11 @@ class Dispatcher:
             try:
                 handler = self.routing.handler_for(env.type)
             except NoHandlerError as exc:
-                self.query_failed(
-                    conn.peer_id, env.corr, QueryFailed(code="no_handler", detail=str(exc))
-                )
+                self._query_refused(conn, env.corr, QueryFailed(code="no_handler", detail=str(exc)))
                 return
             except MultiplePeersAvailable as exc:
-                self.query_failed(
-                    conn.peer_id,
+                self._query_refused(
+                    conn,
                     env.corr,
                     QueryFailed(code="multiple", detail=str(exc), peers=list(exc.peers)),
                 )
@@ -338,8 +344,8 @@ class Dispatcher:
         target = self.conns[handler]
         busy = self._busy(conn.peer_id, target)
         if busy is not None:
-            self.query_failed(
-                conn.peer_id, env.corr, QueryFailed(code="busy", detail=busy, peer_id=handler)
+            self._query_refused(
+                conn, env.corr, QueryFailed(code="busy", detail=busy, peer_id=handler)
             )
             return
         deadline = trio.current_time() + self.limits.query_deadline
