@@ -45,22 +45,22 @@ from peerkit.routing import RoutingTable
 from peerkit.testing import wait_for_condition
 
 
-@message
+@message(type="test_limits.Blob")
 class Blob(Message):
     data: bytes
 
 
-@message
+@message(type="test_limits.Ask")
 class Ask(Message):
     n: int
 
 
-@message
+@message(type="test_limits.Answer")
 class Answer(Message):
     n: int
 
 
-@message
+@message(type="test_limits.Tick")
 class Tick(Message):
     seq: int
 
@@ -634,15 +634,15 @@ async def test_peer_ids_longer_than_max_id_length_are_refused(nursery: trio.Nurs
 
 
 async def test_subscriptions_and_handlers_per_peer_are_capped(nursery: trio.Nursery) -> None:
-    @message
+    @message(type="test_limits.One")
     class One(Message):
         pass
 
-    @message
+    @message(type="test_limits.Two")
     class Two(Message):
         pass
 
-    @message
+    @message(type="test_limits.Three")
     class Three(Message):
         pass
 
