@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 
@@ -32,7 +33,7 @@ from ._limits import DEFAULT_SEND_QUEUE_BYTES, TokenBucket
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, Envelope, control
 from .errors import DecodeError
 from .messages import BrokerGoodbyeMsg, MessagesDropped
-from .protocol import Kind, RequestFailed
+from .protocol import DELIVERY_RANK, Kind, RequestFailed
 
 log = logging.getLogger("peerkit.broker")
 
@@ -64,11 +65,14 @@ class Connection:
         "_seen_out",
         "_stalled",
         "answers",
+        "backpressure",
         "base",
         "close_reason",
         "connected_at",
         "control_bytes",
         "controls",
+        "delivery",
+        "drained",
         "dropped_pending",
         "dropped_total",
         "frames_in",
@@ -84,9 +88,11 @@ class Connection:
         "msgs_in",
         "msgs_out",
         "out",
+        "paused",
         "peer_id",
         "published_bytes",
         "queued",
+        "resume_token",
         "scope",
         "state",
         "wakeup",
@@ -110,13 +116,16 @@ class Connection:
         self.json = json
         self.max_message_size = max_message_size
         self.connected_at = time.time()
+        #: the secret that lets this peer replace this connection if it comes back
+        self.resume_token = secrets.token_urlsafe(18)
         self.limit = limit
         #: envelopes as (head, body, published messages): a control envelope is all head and
         #: carries none (-1 for an answer to the peer's own request); a PUB run's body is
         #: shared by every subscriber's queue
         self.out: collections.deque[tuple[bytes, bytes, int]] = collections.deque()
-        self.queued = 0  # published messages in ``out``: at most ``limit``
+        self.queued = 0  # published messages in ``out``: at most ``limit`` (see lossless)
         #: bytes of the published messages in ``out`` (heads included): at most ``max_bytes``
+        #: (see lossless)
         self.published_bytes = 0
         self.max_bytes = max_bytes
         self.controls = 0  # control envelopes in ``out``
@@ -126,6 +135,13 @@ class Connection:
         self._progress = trio.lowlevel.ParkingLot()  # unparked whenever the writer wrote
         #: rate limit of broker-info requests (made at the first one)
         self.info_bucket: TokenBucket | None = None
+        #: (type, sender or None) → "latest" or "lossless" for the peer's subscriptions that
+        #: are not delivered the default way ("drop")
+        self.delivery: dict[tuple[str, str | None], str] = {}
+        #: lossless subscribers this peer's last frame overfilled: its reader waits for them
+        self.backpressure: set[Connection] = set()
+        self.drained = trio.Event()  # set when ``out`` falls within its bounds again
+        self.paused = False  # the reader waits for back-pressure (it is alive meanwhile)
         self.wakeup = trio.Event()
         self.dropped_pending = 0
         self.dropped_total = 0
@@ -193,6 +209,45 @@ class Connection:
         self.out.append((head, body, count))
         self.wakeup.set()
 
+    def mode_for(self, msg_type: str, sender: str) -> str:
+        """How this peer wants ``msg_type`` from ``sender`` delivered (its strongest
+        subscription that matches)."""
+        specific = self.delivery.get((msg_type, sender), "drop")
+        general = self.delivery.get((msg_type, None), "drop")
+        return specific if DELIVERY_RANK[specific] >= DELIVERY_RANK[general] else general
+
+    @property
+    def overfull(self) -> bool:
+        """More published messages (or bytes of them) are queued than the bounds allow
+        (only lossless deliveries do that, for a while)."""
+        return self.queued > self.limit or self.published_bytes > self.max_bytes
+
+    def evict_oldest(self, msg_type: str, room: int, room_bytes: int = 0) -> int:
+        """Make room for ``room`` messages (and ``room_bytes`` bytes) by dropping the oldest
+        queued runs of ``msg_type`` (``latest`` delivery); returns how many messages were
+        dropped."""
+        dropped = 0
+        kept: collections.deque[tuple[bytes, bytes, int]] = collections.deque()
+        for entry in self.out:
+            head, body, count = entry
+            if (
+                count > 0
+                and (
+                    self.limit - self.queued < room
+                    or self.max_bytes - self.published_bytes < room_bytes
+                )
+                and codec.run_type(head) == msg_type
+            ):
+                self.queued -= count
+                self.published_bytes -= len(head) + len(body)
+                dropped += count
+                continue
+            kept.append(entry)
+        if dropped:
+            self.out = kept
+            self.lost(dropped)
+        return dropped
+
     def lost(self, count: int) -> None:
         """Count published messages that did not fit (reported in the next message)."""
         self.dropped_pending += count
@@ -202,7 +257,7 @@ class Connection:
     def note_activity(self, now: float) -> None:
         """Called by the broker's monitor once an interval: what was read or written since
         its last call happened by ``now``."""
-        if self._heard != self._seen_in:
+        if self._heard != self._seen_in or self.paused:  # paused: we do not read it
             self._seen_in, self.last_seen = self._heard, now
         if self.frames_out != self._seen_out:
             self._seen_out, self.last_sent = self.frames_out, now
@@ -238,17 +293,24 @@ class Connection:
         self.control_bytes -= size - published_bytes
         self.answers -= answers
         self.msgs_out += published
+        if not self.overfull and self.drained.statistics().tasks_waiting:
+            self.drained.set()
+            self.drained = trio.Event()
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     # ------------------------------------------------------------------ tasks
     async def run(
-        self, dispatch: Callable[[Connection, Envelope], None], limit: int, grace_period: float
+        self,
+        dispatch: Callable[[Connection, Envelope], None],
+        limit: int,
+        grace_period: float,
+        stall_timeout: float = 5.0,
     ) -> None:
         """Read and write until the peer goes away or :meth:`kick` (returns either way)."""
         with self.scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, limit)
-                await self._reader(dispatch, grace_period)
+                await self._reader(dispatch, grace_period, stall_timeout)
                 nursery.cancel_scope.cancel()
 
     async def _writer(self, limit: int) -> None:
@@ -266,7 +328,33 @@ class Connection:
                 self._stalled = False
                 self._progress.unpark_all()
 
-    async def _reader(self, dispatch: Callable[[Connection, Envelope], None], grace: float) -> None:
+    async def _wait_for_lossless(self, stall_timeout: float) -> None:
+        """Back-pressure: this peer's last frame overfilled lossless subscribers; read
+        nothing more from it until they have room (its sends then wait on TCP, and its
+        ``send_message`` waits). A subscriber that drains nothing for ``stall_timeout``
+        seconds is disconnected, and the publisher resumes."""
+        self.paused = True
+        try:
+            for target in list(self.backpressure):
+                while target.overfull and target.close_reason is None:
+                    drained = target.drained  # replaced by the writer once set
+                    with trio.move_on_after(stall_timeout) as scope:
+                        await drained.wait()
+                    if scope.cancelled_caught:
+                        target.kick(
+                            f"a lossless subscriber that read nothing for {stall_timeout:g} s "
+                            "while publishers waited for it (stall_timeout)"
+                        )
+        finally:
+            self.backpressure.clear()
+            self.paused = False
+
+    async def _reader(
+        self,
+        dispatch: Callable[[Connection, Envelope], None],
+        grace: float,
+        stall_timeout: float,
+    ) -> None:
         ws = self.ws
         while True:
             try:
@@ -296,6 +384,8 @@ class Connection:
             except DecodeError as exc:
                 log.warning("bad frame from %r: %s", self.peer_id, exc)
                 self.answer(control(Kind.ERROR, RequestFailed(code="bad_frame", detail=str(exc))))
+            if self.backpressure:
+                await self._wait_for_lossless(stall_timeout)
             if self.goodbye is not None and self.scope.deadline == math.inf:
                 # the peer closes after its goodbye; wait for that (bounded) rather than
                 # closing from both ends at once

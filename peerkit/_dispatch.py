@@ -24,8 +24,8 @@ from ._limits import Limits, TokenBucket, fit_bytes
 from .codec import Envelope, control, envelope_head, pack_envelope
 from .errors import BrokerRequestError, DecodeError, MultiplePeersAvailable, NoHandlerError
 from .messages import BrokerGoodbyeMsg, PeerStateChanged
-from .protocol import PUB as _PUB
 from .protocol import (
+    DELIVERY_RANK,
     BrokerInfo,
     BrokerTime,
     Kind,
@@ -33,7 +33,9 @@ from .protocol import (
     QueryFailed,
     RegisterHandler,
     RequestFailed,
+    SubscribeOptions,
 )
+from .protocol import PUB as _PUB
 from .routing import RoutingTable
 
 log = logging.getLogger("peerkit.broker")
@@ -174,6 +176,27 @@ class Dispatcher:
             if count <= room and size <= room_bytes:
                 target.push_run(head, body, count)
                 continue
+            if target.delivery:
+                mode = target.mode_for(msg_type, sender)
+                if mode == "lossless":  # queue it all; the publisher waits (see Connection)
+                    target.push_run(head, body, count)
+                    source = conns.get(sender)
+                    if source is not None and source is not target:
+                        source.backpressure.add(target)
+                    continue
+                if mode == "latest":  # room for the newest: the oldest of the type go
+                    target.evict_oldest(
+                        msg_type, min(count, target.limit), min(size, target.max_bytes)
+                    )
+                    room, room_bytes = target.room()
+                    part, kept = codec.fit_run(body, count, room, newest=True)
+                    part, kept = fit_bytes(part, kept, room_bytes - len(head), newest=True)
+                    if kept:
+                        part_head = envelope_head(_PUB, msg_type, sender, kept, "", len(part))
+                        target.push_run(part_head, part, kept)
+                    if kept < count:
+                        target.lost(count - kept)
+                    continue
             # cut the run where the room ends, in messages and in bytes (the head of the
             # shorter run is no longer than this one's)
             part, kept = codec.fit_run(body, count, room)
@@ -265,13 +288,35 @@ class Dispatcher:
             return
         sender = env.target or None
         if env.kind == Kind.SUB:
+            delivery = "drop"
+            if env.body:
+                try:
+                    options = codec.decode_body(SubscribeOptions, env.body)
+                    assert isinstance(options, SubscribeOptions)
+                except DecodeError as exc:
+                    self._nack(conn, env.corr, "bad_request", str(exc))
+                    return
+                delivery = options.delivery
+                if delivery not in DELIVERY_RANK:
+                    self._nack(
+                        conn,
+                        env.corr,
+                        "bad_request",
+                        f"delivery must be one of {', '.join(DELIVERY_RANK)}, not {delivery!r}",
+                    )
+                    return
             try:
                 self.routing.subscribe(conn.peer_id, env.type, sender)
             except BrokerRequestError as exc:
                 self._nack(conn, env.corr, exc.code, str(exc))
                 return
+            if delivery == "drop":
+                conn.delivery.pop((env.type, sender), None)
+            else:
+                conn.delivery[(env.type, sender)] = delivery
         else:
             self.routing.unsubscribe(conn.peer_id, env.type, sender)
+            conn.delivery.pop((env.type, sender), None)
         self._ack(conn, env.corr)
 
     def _answer_info(self, conn: Connection, corr: int) -> None:

@@ -161,23 +161,31 @@ class TokenBucket:
         return False
 
 
-def fit_bytes(bodies: bytes, count: int, room: int) -> tuple[bytes, int]:
-    """The first bodies of a run of ``count`` that fit in ``room`` bytes: the bodies and how
-    many they are (``b"", 0`` when not even the first fits or the run cannot be read)."""
+def fit_bytes(bodies: bytes, count: int, room: int, *, newest: bool = False) -> tuple[bytes, int]:
+    """What of a run of ``count`` bodies fits in ``room`` bytes: the first bodies (or with
+    ``newest`` the last ones) and how many they are (``b"", 0`` when not even one fits or
+    the run cannot be read)."""
     if len(bodies) <= room:
         return bodies, count
     if room <= 0:
         return b"", 0
     unpacker = msgpack.Unpacker(max_buffer_size=0)
     unpacker.feed(bodies)
-    kept = end = 0
+    ends: list[int] = []  # where each body ends
     try:
-        while kept < count:
+        while len(ends) < count:
             unpacker.skip()
-            if unpacker.tell() > room:
-                break
             end = unpacker.tell()
-            kept += 1
-    except Exception:  # msgpack raises several unrelated types: keep what was whole
-        pass
-    return (bodies[:end], kept) if kept else (b"", 0)
+            if not newest and end > room:
+                break
+            ends.append(end)
+    except Exception:  # msgpack raises several unrelated types: nothing is cut from it
+        return b"", 0
+    if not newest:
+        return (bodies[: ends[-1]], len(ends)) if ends else (b"", 0)
+    total = ends[-1] if ends else 0
+    # the shortest tail that fits: the bodies after the first ``skip`` ones
+    for skip, start in enumerate([0, *ends[:-1]]):
+        if total - start <= room:
+            return bodies[start:total], len(ends) - skip
+    return b"", 0

@@ -104,6 +104,9 @@ class Broker(OwnNursery):
     * ``max_subscriptions`` / ``max_handlers``: subscriptions and query types handled per
       peer (defaults 4096 and 1024); beyond, the request is refused (``too_many``).
     * ``grace_period``: seconds a clean shutdown waits for peers to say goodbye.
+    * ``stall_timeout``: a subscriber with a ``lossless`` subscription slows its
+      publishers down when it cannot keep up (the broker stops reading them); one that
+      drains nothing for this many seconds is disconnected and the publishers resume.
     * ``listen``: ``True`` (default) serves on ``host:port``; ``False`` opens no port:
       the broker is mounted on an application's trio-websocket server, which hands it
       requests with :meth:`handle_request` (see "Embedding peerkit in a trio application").
@@ -135,6 +138,7 @@ class Broker(OwnNursery):
         max_subscriptions: int = 4096,
         max_handlers: int = 1024,
         grace_period: float = 2.0,
+        stall_timeout: float = 5.0,
         listen: bool = True,
     ) -> None:
         check_bind(host, token)
@@ -163,6 +167,7 @@ class Broker(OwnNursery):
             ("heartbeat_interval", heartbeat_interval),
             ("heartbeat_timeout", heartbeat_timeout),
             ("grace_period", grace_period),
+            ("stall_timeout", stall_timeout),
         ):
             check_seconds(name, fvalue)
         if heartbeat_timeout <= heartbeat_interval:
@@ -182,6 +187,7 @@ class Broker(OwnNursery):
         self.send_queue_size = send_queue_size
         self.overflow = overflow
         self.grace_period = float(grace_period)
+        self.stall_timeout = float(stall_timeout)
 
         self.listen = bool(listen)
 
@@ -397,7 +403,12 @@ class Broker(OwnNursery):
             if conn is None:
                 return
             try:
-                await conn.run(self._dispatcher.dispatch, self._batch_limit, self.grace_period)
+                await conn.run(
+                    self._dispatcher.dispatch,
+                    self._batch_limit,
+                    self.grace_period,
+                    self.stall_timeout,
+                )
             finally:
                 self._remove(conn)
         except* (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
@@ -481,11 +492,15 @@ class Broker(OwnNursery):
         reject = admit(
             hello,
             token=self.token,
-            connected=self._conns,
+            connected={p: c.resume_token for p, c in self._conns.items()},
             max_peers=self.max_peers,
             shutting_down=self._shutting_down,
             max_id_length=self.limits.max_id_length,
         )
+        if reject is None and pid in self._conns:  # the peer is back: its old connection goes
+            stale = self._conns[pid]
+            stale.kick("replaced by the same peer's new connection (it reconnected)")
+            self._remove(stale, replaced=True)
         if reject is not None:
             log.warning("rejected peer %r: %s", pid, reject.detail)
             await self._reject(ws, reject.reason, reject.detail, json)
@@ -504,11 +519,14 @@ class Broker(OwnNursery):
                     heartbeat_interval=self.heartbeat_interval,
                     heartbeat_timeout=self.heartbeat_timeout,
                     max_message_size=self.max_message_size,
+                    resume_token=conn.resume_token,
                 ),
             )
         )
-        log.info("peer %r connected", pid)
-        self._dispatcher.publish(pid, _PEER_JOINED_TYPE, codec.encode_body(PeerJoined(peer_id=pid)))
+        resumed = bool(hello.resume_token)
+        log.info("peer %r %s", pid, "reconnected" if resumed else "connected")
+        joined = PeerJoined(peer_id=pid, resumed=resumed)
+        self._dispatcher.publish(pid, _PEER_JOINED_TYPE, codec.encode_body(joined))
         return conn
 
     async def _reject(
@@ -522,7 +540,9 @@ class Broker(OwnNursery):
             except trio_websocket.ConnectionClosed:
                 pass
 
-    def _remove(self, conn: Connection) -> None:
+    def _remove(self, conn: Connection, *, replaced: bool = False) -> None:
+        """Forget ``conn`` (its routes; its pending queries fail at once) and tell the
+        others it left, unless it is ``replaced`` by the same peer's new connection."""
         if self._conns.get(conn.peer_id) is not conn:
             return
         del self._conns[conn.peer_id]
@@ -537,6 +557,9 @@ class Broker(OwnNursery):
                     peer_id=pq.handler,
                 ),
             )
+        if replaced:
+            log.info("peer %r reconnected: its old connection is closed", conn.peer_id)
+            return
         if conn.goodbye is not None:
             reason = "goodbye" + (f" ({conn.goodbye.error_msg})" if conn.goodbye.error_msg else "")
             log.info("peer %r left: %s", conn.peer_id, reason)

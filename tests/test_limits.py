@@ -30,6 +30,7 @@ from peerkit import (
 from peerkit._dispatch import Dispatcher
 from peerkit._limits import Limits, TokenBucket, fit_bytes
 from peerkit.codec import Envelope, control, pack_envelope
+from peerkit.messages import MessagesDropped
 from peerkit.protocol import (
     PROTOCOL_VERSION,
     BrokerInfo,
@@ -40,6 +41,7 @@ from peerkit.protocol import (
     RegisterHandler,
     Reject,
     RequestFailed,
+    SubscribeOptions,
 )
 from peerkit.routing import RoutingTable
 from peerkit.testing import wait_for_condition
@@ -461,6 +463,87 @@ async def test_the_outgoing_queue_is_bounded_in_bytes(nursery: trio.Nursery) -> 
             assert info.dropped > 0
             assert info.dropped + info.msgs_out + info.queued == count
             assert "stuck" in broker.peer_ids
+        await broker.shutdown()
+
+
+def numbered(seq: int, size: int) -> Blob:
+    return Blob(data=seq.to_bytes(4, "big") + b"m" * (size - 4))
+
+
+def number_of(body: bytes) -> int:
+    blob = codec.decode_body(Blob, body)
+    assert isinstance(blob, Blob)
+    return int.from_bytes(blob.data[:4], "big")
+
+
+async def read_blobs(ws: trio_websocket.WebSocketConnection, count: int) -> tuple[list[int], int]:
+    """The numbers of the next ``count`` blobs (received or reported dropped), and how many
+    were reported dropped."""
+    got: list[int] = []
+    dropped = 0
+    while len(got) + dropped < count:
+        for env in await envelopes(ws):
+            if env.kind == Kind.PUB:
+                assert env.corr == 1
+                got.append(number_of(env.body))
+            elif env.kind == Kind.DROPPED:
+                report = codec.decode_body(MessagesDropped, env.body)
+                assert isinstance(report, MessagesDropped)
+                dropped += report.count
+    return got, dropped
+
+
+async def test_latest_delivery_keeps_the_newest_within_the_byte_bound(
+    nursery: trio.Nursery,
+) -> None:
+    bound, count, size = 4 << 20, 30, 1 << 20
+    with trio.fail_after(60):
+        broker = Broker(max_message_size=size + 1024, send_queue_bytes=bound)
+        await nursery.start(broker.run)
+        async with raw(broker.url, "stuck", queue=1) as ws, Peer(broker.url, "pub") as pub:
+            latest = codec.encode_body(SubscribeOptions(delivery="latest"))
+            await ws.send_message(
+                pack_envelope(int(Kind.SUB), Blob.message_type(), "", 1, "", latest)
+            )
+            assert (await next_envelope(ws, Kind.ACK)).corr == 1
+            for seq in range(count):
+                await pub.send_message(numbered(seq, size))
+                assert peer_info(broker, "stuck").queued_bytes <= bound
+            await wait_for_condition(lambda: peer_info(broker, "pub").msgs_in == count)
+            assert peer_info(broker, "stuck").dropped > 0
+            got, dropped = await read_blobs(ws, count)
+            assert got[-1] == count - 1  # the newest arrived; older ones made room
+            assert got == sorted(got) and len(got) + dropped == count
+        await broker.shutdown()
+
+
+async def test_lossless_delivery_holds_the_publisher_at_the_byte_bound(
+    nursery: trio.Nursery,
+) -> None:
+    bound, count, size = 4 << 20, 30, 1 << 20
+    with trio.fail_after(60):
+        broker = Broker(max_message_size=size + 1024, send_queue_bytes=bound, stall_timeout=30)
+        await nursery.start(broker.run)
+        async with raw(broker.url, "slow", queue=1) as ws, Peer(broker.url, "pub") as pub:
+            lossless = codec.encode_body(SubscribeOptions(delivery="lossless"))
+            await ws.send_message(
+                pack_envelope(int(Kind.SUB), Blob.message_type(), "", 1, "", lossless)
+            )
+            assert (await next_envelope(ws, Kind.ACK)).corr == 1
+
+            async def publish() -> None:
+                for seq in range(count):
+                    await pub.send_message(numbered(seq, size))
+
+            nursery.start_soon(publish)
+            # the subscriber reads nothing: the broker stops reading the publisher once the
+            # subscriber's queue is over the bound (by one frame at most)
+            await wait_for_condition(lambda: peer_info(broker, "slow").queued_bytes >= bound)
+            await trio.sleep(0.2)
+            assert peer_info(broker, "slow").queued_bytes <= bound + 2 * size
+            assert peer_info(broker, "pub").msgs_in < count
+            got, dropped = await read_blobs(ws, count)
+            assert got == list(range(count)) and dropped == 0
         await broker.shutdown()
 
 
@@ -927,6 +1010,10 @@ def test_fit_bytes_cuts_a_run_where_the_room_ends() -> None:
     assert fit_bytes(run, 3, len(bodies[0]) - 1) == (b"", 0)
     assert fit_bytes(run, 3, 0) == (b"", 0)
     assert fit_bytes(b"\xc1\xc1\xc1", 3, 2) == (b"", 0)  # unreadable: nothing fits
+    # the newest bodies, for "latest" delivery
+    assert fit_bytes(run, 3, len(run) - 1, newest=True) == (bodies[1] + bodies[2], 2)
+    assert fit_bytes(run, 3, len(bodies[2]), newest=True) == (bodies[2], 1)
+    assert fit_bytes(run, 3, len(bodies[2]) - 1, newest=True) == (b"", 0)
 
 
 def test_limits_defaults_match_the_brokers() -> None:

@@ -287,9 +287,10 @@ class Trace {
         }
         dt = this.dtEstimate ?? 1e-3;
       }
-      const t0 = stamp ?? arrival - n * dt;
+      // a chunk's timestamp is when it was complete (its last sample's time)
+      const t0 = (stamp ?? arrival) - n * dt;
       chunk = { t0, dt, n, channels, data };
-      if (stamp !== null) this.latencies.push([arrival, arrival - (stamp + n * dt)]);
+      if (stamp !== null) this.latencies.push([arrival, arrival - stamp]);
     } else {
       const number = Number(value);
       if (!Number.isFinite(number)) return;
