@@ -67,6 +67,7 @@ class Connection:
         "answers",
         "backpressure",
         "base",
+        "close_code",
         "close_reason",
         "connected_at",
         "control_bytes",
@@ -146,6 +147,7 @@ class Connection:
         self.dropped_pending = 0
         self.dropped_total = 0
         self.close_reason: str | None = None
+        self.close_code = 1008
         self.goodbye: BrokerGoodbyeMsg | None = None
         #: WebSocket messages read and written (the broker's monitor turns their changes
         #: into ``last_seen`` and ``last_sent``, so the hot paths read no clock)
@@ -162,10 +164,13 @@ class Connection:
         self.base = ""  # the base state a custom ``state`` counts as
 
     # ------------------------------------------------------------------ queueing
-    def kick(self, reason: str) -> None:
-        """Close this connection (the first reason given is the one reported)."""
+    def kick(self, reason: str, *, code: int = 1008) -> None:
+        """Close this connection (the first reason given is the one reported). ``code``
+        1008 (policy violation) tells the peer not to come back; 1001 (going away) lets a
+        peer that was only silent (asleep, stopped) reconnect."""
         if self.close_reason is None:
             self.close_reason = reason
+            self.close_code = code
             log.warning("disconnecting %r: %s", self.peer_id, reason)
         self.scope.cancel(reason=reason)
 

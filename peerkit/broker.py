@@ -419,7 +419,7 @@ class Broker(OwnNursery):
             with trio.move_on_after(self.grace_period) as cs:
                 cs.shield = True
                 if conn is not None and conn.close_reason is not None:
-                    await ws.aclose(code=1008, reason=conn.close_reason[:120])
+                    await ws.aclose(code=conn.close_code, reason=conn.close_reason[:120])
                 else:
                     await ws.aclose()
 
@@ -602,6 +602,6 @@ class Broker(OwnNursery):
             for conn in list(self._conns.values()):
                 conn.note_activity(now)
                 if now - conn.last_seen >= self.heartbeat_timeout:
-                    conn.kick(f"no heartbeat for {now - conn.last_seen:.1f} s")
+                    conn.kick(f"no heartbeat for {now - conn.last_seen:.1f} s", code=1001)
                 elif not conn.out and now - conn.last_sent >= self.heartbeat_interval * 0.9:
                     conn.push(beat)  # only to peers that heard nothing else lately

@@ -151,6 +151,13 @@ class Peer(StateMachine, OwnNursery):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        for name, value in vars(cls).items():
+            base = getattr(Peer, name, None) if "Peer" in globals() else None
+            if callable(base) and not name.startswith("__") and not callable(value):
+                raise PeerkitError(
+                    f"{cls.__name__}.{name} = {value!r} hides the method Peer.{name}; "
+                    "choose another name for the attribute"
+                )
         subs: list[tuple[str, type[Message], str | None, str]] = []
         queries: list[tuple[str, type[Message], str]] = []
         seen: set[str] = set()

@@ -15,6 +15,7 @@ from peerkit import (
     DuplicatePeerId,
     Message,
     Peer,
+    PeerkitError,
     codec,
     message,
 )
@@ -250,3 +251,29 @@ async def test_messages_sent_while_down_overflow_is_counted(nursery: trio.Nurser
             await peer.send_message(Tick(n=i))
         assert peer.unsent_dropped == 3
         await peer.async_shutdown()
+
+
+async def test_a_silent_peer_is_closed_with_going_away_so_it_may_come_back(
+    nursery: trio.Nursery,
+) -> None:
+    """A peer the broker gives up for silence (asleep, stopped) is told 1001, which a
+    peer treats as a lost connection (it reconnects), not as a refusal (1008)."""
+    with trio.fail_after(20):
+        broker = Broker(heartbeat_interval=0.2, heartbeat_timeout=0.6)
+        await nursery.start(broker.run)
+        async with trio_websocket.open_websocket_url(broker.url) as ws:
+            hello = Hello(peer_id="sleeper", protocol_version=PROTOCOL_VERSION)
+            await ws.send_message(control(Kind.HELLO, hello))
+            with pytest.raises(trio_websocket.ConnectionClosed) as info:
+                while True:
+                    await ws.get_message()
+            reason = info.value.reason
+            assert reason is not None and reason.code == 1001
+            assert "no heartbeat" in (reason.reason or "")
+
+
+def test_an_attribute_hiding_a_peer_method_is_refused() -> None:
+    with pytest.raises(PeerkitError, match=r"Counter\.run = 0 hides the method Peer\.run"):
+
+        class Counter(Peer):
+            run = 0  # type: ignore[assignment]
