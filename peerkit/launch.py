@@ -115,6 +115,8 @@ class Launcher:
         token: str | None = None,
         log_level: int | None = logging.INFO,
         python: str = sys.executable,
+        dashboard: bool = False,
+        dashboard_port: int = 0,
     ) -> None:
         for name, value in (
             ("duration", duration),
@@ -147,6 +149,10 @@ class Launcher:
         self.status_interval = status_interval
         self.tail = tail
         self.token = token
+        #: serve the live dashboard (a web page) beside the broker; its address is printed
+        self.dashboard = bool(dashboard)
+        self.dashboard_port = dashboard_port
+        self.dashboard_url: str | None = None
         self.log_level = log_level
         self.python = python
 
@@ -228,6 +234,13 @@ class Launcher:
             self._broker = broker
             self.broker_url = broker.url
             self._event(f"broker listening on {broker.url}")
+            if self.dashboard:
+                from .dashboard import Dashboard  # hypercorn is only needed for this
+
+                board = Dashboard(broker.url, port=self.dashboard_port, token=self.token)
+                await nursery.start(board.run)
+                self.dashboard_url = board.url
+                self._event(f"dashboard: open {board.url}")
             try:
                 config_server = ConfigServer(broker.url, CONFIG_SERVER_ID, token=self.token)
                 await nursery.start(config_server.run)
