@@ -8,6 +8,7 @@ from .broker import Broker
 from .config.configured import ConfigServer, ConfiguredPeer
 from .config.params import param
 from .errors import (
+    BrokerBusyError,
     BrokerConnectError,
     BrokerLostError,
     BrokerRequestError,
@@ -53,6 +54,7 @@ def __getattr__(name: str) -> str:
 
 __all__ = [
     "Broker",
+    "BrokerBusyError",
     "BrokerConnectError",
     "BrokerLostError",
     "BrokerRequestError",
