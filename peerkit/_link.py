@@ -342,6 +342,24 @@ class Link:
         broker must know)."""
         deadline = trio.current_time() + timeout
         delay = 0.05
+        while True:
+            try:
+                await self._attempt(deadline, timeout, task_status)
+                return
+            except HandshakeRejected as exc:
+                # a crowd connecting at once: the broker makes room for the newest by
+                # turning away the oldest still in the handshake; try again, within time
+                if exc.reason != "too_many_handshakes" or trio.current_time() >= deadline:
+                    raise
+                log.debug("broker at %s busy with handshakes; trying again", self.url)
+            with trio.move_on_at(deadline):
+                await trio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 1.0)
+
+    async def _attempt(
+        self, deadline: float, timeout: float, task_status: trio.TaskStatus[Welcome] | None
+    ) -> None:
+        delay = 0.05
         last_error: BaseException | None = None
         while True:
             try:

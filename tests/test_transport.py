@@ -29,6 +29,7 @@ from peerkit import (
 from peerkit.codec import control
 from peerkit.errors import BrokerConnectError
 from peerkit.protocol import PROTOCOL_VERSION, Hello, Kind
+from peerkit.testing import wait_for_condition
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "peerkit"
@@ -431,3 +432,20 @@ async def test_a_json_connection_from_another_sites_page_is_refused_without_a_to
             extra_headers=[(b"Origin", b"http://127.0.0.1:8000")],
         ) as ws:
             assert ws.subprotocol == jsonwire.SUBPROTOCOL
+
+
+async def test_a_crowd_larger_than_the_handshake_cap_all_gets_in(nursery: trio.Nursery) -> None:
+    """Peers turned away while the broker has max_handshakes connections in the handshake
+    (too_many_handshakes) try again, within their connect_timeout: all get in."""
+    with trio.fail_after(60):
+        broker = Broker(max_handshakes=4)
+        await nursery.start(broker.run)
+        peers = [Peer(broker.url, f"p{i}") for i in range(60)]
+        async with trio.open_nursery() as crowd:
+            for p in peers:
+                crowd.start_soon(p.run)
+            await wait_for_condition(lambda: len(broker.peer_ids) == len(peers), 50)
+            assert all(p.error is None for p in peers)
+            for p in peers:
+                await p.async_shutdown()
+        await broker.shutdown()
