@@ -519,6 +519,9 @@ class Link:
             await ws.send_message(control(Kind.HELLO, hello))
             frame = await ws.get_message()
         except trio_websocket.ConnectionClosed as exc:
+            if exc.reason is not None and exc.reason.reason == "too_many_handshakes":
+                # turned away before its reject could be read: as retryable as the reject
+                raise HandshakeRejected("too_many_handshakes", _close_text(exc)) from None
             raise BrokerConnectError(
                 f"the broker at {self.url} closed the connection during the handshake "
                 f"({_close_text(exc)})"
