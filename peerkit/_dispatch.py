@@ -34,6 +34,7 @@ from .protocol import (
     RegisterHandler,
     RequestFailed,
     SubscribeOptions,
+    TypeInfo,
 )
 from .protocol import PUB as _PUB
 from .routing import RoutingTable
@@ -45,6 +46,8 @@ _BROKER_TIME = BrokerTime.message_type()
 _BROKER_INFO = BrokerInfo.message_type()
 #: longest state name a peer may report
 MAX_STATE_LEN = 100
+#: message types whose traffic broker info reports one by one (the rest: "(other)")
+MAX_TYPE_STATS = 1000
 
 #: Kinds of the requests answered with ACK/NACK (or, for INFO and TIME, REPLY/NACK).
 _REQUESTS = frozenset(
@@ -80,6 +83,24 @@ class Dispatcher:
     @property
     def max_message_size(self) -> int:
         return self.limits.max_message_size
+
+    #: per message type: [published, routed, queries] (see :meth:`type_stats`)
+    types: dict[str, list[int]] = attrs.field(factory=dict)
+
+    def _count(self, msg_type: str) -> list[int]:
+        row = self.types.get(msg_type)
+        if row is None:
+            # bounded: invented type names cannot grow it without end
+            key = msg_type if len(self.types) < MAX_TYPE_STATS else "(other)"
+            row = self.types.setdefault(key, [0, 0, 0])
+        return row
+
+    def type_stats(self) -> list[TypeInfo]:
+        """Traffic per message type, for broker info (the dashboard shows it)."""
+        return [
+            TypeInfo(msg_type=t, published=p, routed=r, queries=q)
+            for t, (p, r, q) in sorted(self.types.items())
+        ]
 
     def dispatch(self, conn: Connection, env: Envelope) -> None:
         """Handle one envelope from ``conn`` (in its reader task)."""
@@ -163,8 +184,11 @@ class Dispatcher:
         Each subscriber's queue takes what fits; the rest is dropped and counted.
         """
         subscribers = self.routing.subscribers(msg_type, sender)
+        row = self._count(msg_type)
+        row[0] += count
         if not subscribers:
             return
+        row[1] += count * len(subscribers)
         head = envelope_head(_PUB, msg_type, sender, count, "", len(body))
         size = len(head) + len(body)
         conns = self.conns
@@ -395,6 +419,7 @@ class Dispatcher:
             return
         deadline = trio.current_time() + self.limits.query_deadline
         corr = self.routing.open_query(conn.peer_id, env.corr, handler, env.type, deadline)
+        self._count(env.type)[2] += 1
         target.push(pack_envelope(int(Kind.QUERY), env.type, conn.peer_id, corr, "", env.body))
 
     def _busy(self, asker: str, handler: Connection) -> str | None:

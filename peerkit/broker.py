@@ -257,7 +257,8 @@ class Broker(OwnNursery):
                     connected_at=c.connected_at,
                 )
                 for c in sorted(self._conns.values(), key=lambda c: c.peer_id)
-            ]
+            ],
+            types=self._dispatcher.type_stats(),
         )
 
     async def run(self, *, task_status: trio.TaskStatus[Broker] = trio.TASK_STATUS_IGNORED) -> None:

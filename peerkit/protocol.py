@@ -151,9 +151,21 @@ class PeerInfo(Message):
     connected_at: float = 0.0  #: when the broker welcomed it (seconds since the epoch)
 
 
+@message(type="peerkit.TypeInfo")
+class TypeInfo(Message):
+    """Traffic of one message type through the broker, since it started."""
+
+    msg_type: str
+    published: int = 0  #: messages of the type peers published
+    routed: int = 0  #: copies the broker routed to subscribers (before any drop)
+    queries: int = 0  #: queries of the type the broker routed to a handler
+
+
 @message(type="peerkit.BrokerInfo")
 class BrokerInfo(Message):
     peers: list[PeerInfo] = attrs.field(factory=list)
+    #: per message type (at most ``MAX_TYPE_STATS`` types; the rest as ``"(other)"``)
+    types: list[TypeInfo] = attrs.field(factory=list)
 
 
 @message(type="peerkit.BrokerTime")

@@ -294,6 +294,12 @@ async def test_the_page_shows_the_demo_live_and_drives_its_peers(
                 "the demo's peers, running, in the table",
             )
             assert dashboard.bridges == 1
+            # traffic per message type: the demo's chunks flow (a rate above zero)
+            await page.wait_for(
+                "(() => { const r = document.querySelector(`#types tr[data-type='SignalChunk']`);"
+                " return r && parseFloat(r.children[1].textContent) > 0; })()",
+                "SignalChunk's rate in the message types table",
+            )
             # the trace moves: new samples reach the plot, its time axis follows them
             plotted = (
                 "(() => { const d = window.peerkitDashboard; const xs = d.trace?.plot?.data[0];"

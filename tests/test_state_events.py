@@ -87,3 +87,26 @@ async def test_broker_info_shows_the_state_and_its_base(broker: Broker) -> None:
                 if info.state == "calibrating":
                     break
             assert info.base == "ready"
+
+
+async def test_broker_info_counts_traffic_per_type(broker: Broker) -> None:
+    with trio.fail_after(10):
+        from peerkit.messages import OkMsg
+
+        async with Peer(broker.url, "pub") as pub, Peer(broker.url, "sub") as sub:
+            got = trio.Event()
+            n = 0
+
+            def seen(msg: OkMsg) -> None:
+                nonlocal n
+                n += 1
+                if n == 5:
+                    got.set()
+
+            await sub.subscribe_for_all_msg_subtype(OkMsg, seen)
+            for _ in range(5):
+                await pub.send_message(OkMsg(detail="x"))
+            await got.wait()
+            types = {t.msg_type: t for t in (await pub.broker_info()).types}
+            ok = types[OkMsg.message_type()]
+            assert (ok.published, ok.routed) == (5, 5)

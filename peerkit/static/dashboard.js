@@ -144,6 +144,7 @@ function render(info) {
   }
   dash.polls += 1;
   renderTable(now);
+  renderTypes(info.types || [], now);
   $("fig-peers").textContent = String(seen.size);
   $("fig-in").textContent = formatRate(rateOut);
   $("fig-out").textContent = formatRate(rateIn);
@@ -152,6 +153,38 @@ function render(info) {
   $("fig-rtt").textContent = formatMs(dash.rtt);
   $("fig-decode").textContent = String(dash.peer.stats.decodeErrors);
   updateTraceChoices(info);
+}
+
+/** The broker's traffic per message type, with rates from the previous poll. */
+function renderTypes(types, now) {
+  const prev = dash.typesPrev || new Map();
+  const next = new Map();
+  const body = $("types").tBodies[0];
+  const rows = [];
+  for (const t of types) {
+    const before = prev.get(t.msg_type);
+    const dt = before ? Math.max(now - before.t, 1e-3) : null;
+    const rate = (key) => (dt === null ? 0 : Math.max(0, (t[key] - before[key]) / dt));
+    next.set(t.msg_type, { t: now, published: t.published, routed: t.routed, queries: t.queries });
+    const tr = document.createElement("tr");
+    tr.dataset.type = t.msg_type;
+    for (const text of [
+      t.msg_type,
+      formatRate(rate("published")),
+      formatRate(rate("routed")),
+      formatRate(rate("queries")),
+      String(t.published),
+      String(t.routed),
+      String(t.queries),
+    ]) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.appendChild(td);
+    }
+    rows.push(tr);
+  }
+  dash.typesPrev = next;
+  body.replaceChildren(...rows);
 }
 
 function renderTable(now) {
