@@ -22,6 +22,7 @@ import trio
 from . import codec
 from ._handlers import check_handler
 from ._link import Link, Pending
+from ._ratelog import DEFAULT_INTERVAL, RateLog
 from .codec import Envelope, pack_envelope
 from .errors import BrokerRequestError, DecodeError, PeerkitError, UnknownMessageType
 from .messages import Message, MessagesDropped, get_message_class, message_type_of
@@ -70,6 +71,8 @@ class Subscriptions:
     _inbox_ready: trio.Event = attrs.field(factory=trio.Event)
     _local_drops: int = 0  # dropped since the last report
     _closed: bool = False  # no more dispatching (the peer shuts down)
+    #: undecodable runs are logged at most once an interval per (type, sender)
+    _bad_log: RateLog = attrs.field(factory=lambda: RateLog(DEFAULT_INTERVAL, trio.current_time))
 
     # ------------------------------------------------------------------ arrivals
     def deliver(self, env: Envelope) -> None:
@@ -130,6 +133,18 @@ class Subscriptions:
         self._inbox.clear()
         self._inbox_count = self._run_left = 0
         self.report_drops()  # what was dropped before, with its own explanation
+        for report in self._bad_log.drain():
+            msg_type, sender = report.key if type(report.key) is tuple else ("?", "?")
+            log.error(
+                "peer %r: %d more undecodable %r messages from %r were dropped since the last "
+                "report, %.0f s ago (total %d, see peer.decode_errors)",
+                self.peer_id,
+                report.held,
+                msg_type,
+                sender,
+                report.since,
+                self.decode_errors,
+            )
         if lost:
             self.dropped_messages += lost
             log.info(
@@ -180,25 +195,50 @@ class Subscriptions:
         except UnknownMessageType:  # pragma: no cover - subscribing registered it
             return
         count = env.corr
-        for handled, msg in enumerate(codec.decode_run(cls, env.body, env.sender, count), 1):
-            if type(msg) is DecodeError:
-                self.decode_errors += 1
-                log.error("peer %r: dropped an undecodable message: %s", self.peer_id, msg)
-                continue
-            # looked up again per message: a handler may (un)subscribe
-            subs = all_subs.get(msg_type)
-            if not subs:
-                return
-            first = subs[0]
-            if len(subs) == 1 and first.handler is not None and first.sender is None:
-                # the common case without a coroutine per message: one handler
-                result = first.handler(msg)
-                if result is not None and inspect.isawaitable(result):
+        bad = 0  # undecodable messages in this run: reported once, at its end
+        try:
+            for handled, msg in enumerate(codec.decode_run(cls, env.body, env.sender, count), 1):
+                if type(msg) is DecodeError:
+                    if not bad:
+                        first_error = msg
+                    bad += 1
+                    self.decode_errors += 1
+                    continue
+                # looked up again per message: a handler may (un)subscribe
+                subs = all_subs.get(msg_type)
+                if not subs:
+                    return
+                first = subs[0]
+                if len(subs) == 1 and first.handler is not None and first.sender is None:
+                    # the common case without a coroutine per message: one handler
+                    result = first.handler(msg)
+                    if result is not None and inspect.isawaitable(result):
+                        self._release_run(handled, count)
+                        await result
+                else:
                     self._release_run(handled, count)
-                    await result
-            else:
-                self._release_run(handled, count)
-                await self._dispatch_one(subs, msg)  # type: ignore[arg-type]
+                    await self._dispatch_one(subs, msg)  # type: ignore[arg-type]
+        finally:
+            if bad:
+                self._report_undecodable(env, bad, first_error)
+
+    def _report_undecodable(self, env: Envelope, bad: int, first: DecodeError) -> None:
+        """Log the undecodable messages of one run: one line, at most once an interval per
+        (type, sender); the ones held back are counted in the next line."""
+        report = self._bad_log.hit((env.type, env.sender), bad)
+        if report is None:
+            return
+        log.error(
+            "peer %r: dropped %d undecodable message%s of the %d in a run; the first: %s "
+            "(total %d, see peer.decode_errors)%s",
+            self.peer_id,
+            bad,
+            "" if bad == 1 else "s",
+            env.corr,
+            first,
+            self.decode_errors,
+            report.more(),
+        )
 
     async def _dispatch_one(self, subs: list[Sub], msg: Message) -> None:
         for sub in tuple(subs) if len(subs) > 1 else subs:
