@@ -1,0 +1,58 @@
+"""``python -m peerkit._stress.serve``: a broker (and a config server) in a process of its own,
+for the stress tools (internal).
+
+It prints ``url ws://...`` on stdout once it listens, logs warnings and errors to stderr
+(``LEVEL logger: message``), and shuts down cleanly on SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+import trio
+
+from ..broker import Broker
+from ..config_server import ConfigServer
+
+
+async def serve(options: dict[str, Any], config_server: bool) -> None:
+    """Serve until SIGINT or SIGTERM."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            broker = Broker(**options)
+            await nursery.start(broker.run)
+            server: ConfigServer | None = None
+            if config_server:
+                server = ConfigServer(broker.url)
+                await nursery.start(server.run)
+            print(f"url {broker.url}", flush=True)
+            async for _ in signals:
+                break
+            if server is not None:
+                with trio.move_on_after(5):
+                    await server.async_shutdown()
+            await broker.shutdown()
+            nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peerkit._stress.serve")
+    parser.add_argument(
+        "--options", default="{}", help="Broker keyword arguments, as a JSON object"
+    )
+    parser.add_argument("--no-config-server", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+    trio.run(serve, json.loads(args.options), not args.no_config_server)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
