@@ -245,3 +245,13 @@ def test_soak_verdict_on_memory_growth() -> None:
     assert results.verdict(soak) == []
     results.memory.append((630.0, 60 << 20))
     assert results.verdict(soak) == ["broker memory grew by 20.0 MiB (limit 10 MiB)"]
+
+
+def test_left_out_seeds_and_mutations_never_come() -> None:
+    rng = random.Random(5)
+    without = frozenset({"goodbye", "pub", "oversized", "many", "bitflip"})
+    vocab = mutate.Vocabulary(own_id="fz-0-0", without=without)
+    items = [mutate.make(rng, vocab) for _ in range(2000)]
+    assert not {i.mutation for i in items} & without
+    assert not {s for i in items for s in i.seeds} & without
+    assert len({i.mutation for i in items}) == len(mutate.mutation_names()) - 3

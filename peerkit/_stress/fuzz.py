@@ -44,7 +44,17 @@ from ..errors import DecodeError
 from ..peer import Peer
 from ..protocol import Kind
 from .harness import BrokerUnderTest, Mode, broker_under_test, mib
-from .mutate import FuzzEcho, FuzzPing, Input, Vocabulary, hello_frame, make, make_first
+from .mutate import (
+    FuzzEcho,
+    FuzzPing,
+    Input,
+    Vocabulary,
+    hello_frame,
+    make,
+    make_first,
+    mutation_names,
+    seed_names,
+)
 
 __all__ = ["Campaign", "Results", "main", "run_campaign"]
 
@@ -67,6 +77,10 @@ class Campaign:
     broker_options: dict[str, Any] = attrs.field(factory=dict)
     #: seconds between progress lines
     progress_every: float = 10.0
+    #: a file for everything the broker logs (broker in its own process)
+    broker_log: str | None = None
+    #: seed kinds and mutations left out (to get past a known bug)
+    without: frozenset[str] = frozenset()
 
 
 @attrs.define
@@ -119,7 +133,8 @@ class Results:
         closes = ", ".join(f"{code} x {n}" for code, n in sorted(self.closed_by_broker.items()))
         lines = [
             f"fuzz campaign: seed {campaign.seed}, broker {campaign.broker}, "
-            f"{self.batches} batches of up to {campaign.batch}",
+            f"{self.batches} batches of up to {campaign.batch}"
+            + (f", without {', '.join(sorted(campaign.without))}" if campaign.without else ""),
             f"  inputs tried: {self.inputs} frames ({self.envelopes} envelopes) in "
             f"{self.elapsed:.0f} s ({rate:.0f}/s)",
             "  by mutation: " + ", ".join(f"{k} {v}" for k, v in sorted(self.by_mutation.items())),
@@ -240,6 +255,7 @@ class Attacker:
         ids: Iterator[str],
         peers: tuple[str, ...],
         pre_hello: float,
+        without: frozenset[str] = frozenset(),
     ) -> None:
         self.url = url
         self.rng = rng
@@ -248,6 +264,7 @@ class Attacker:
         self.ids = ids
         self.peers = peers
         self.pre_hello = pre_hello
+        self.without = without
 
     async def run(self) -> None:
         failures = 0
@@ -276,7 +293,9 @@ class Attacker:
         self.results.count(item)
 
     async def _connection(self) -> None:
-        vocab = Vocabulary(own_id=next(self.ids), peers=(*self.peers, "config_server"))
+        vocab = Vocabulary(
+            own_id=next(self.ids), peers=(*self.peers, "config_server"), without=self.without
+        )
         async with trio_websocket.open_websocket_url(
             self.url,
             max_message_size=256 * 1024 * 1024,
@@ -334,7 +353,9 @@ async def run_campaign(
     if inject is not None:
         await _campaign(campaign, inject, results, out)
         return results
-    async with broker_under_test(campaign.broker, campaign.broker_options) as broker:
+    async with broker_under_test(
+        campaign.broker, campaign.broker_options, log_path=campaign.broker_log
+    ) as broker:
         await _campaign(campaign, broker, results, out)
     return results
 
@@ -376,7 +397,11 @@ async def _campaign(
                 await pair.stop()
                 generation += 1
                 pair = Pair(broker.url, generation)
-                await pair.start(nursery)
+                try:
+                    await pair.start(nursery)
+                except Exception as exc:
+                    results.stopped = f"a new pair could not start: {exc!r}"
+                    break
             if not broker.alive:
                 break
             if time.monotonic() - last_progress >= campaign.progress_every:
@@ -416,7 +441,14 @@ async def _batch(
                 if share:
                     rng = random.Random(f"{campaign.seed}/{number}/{i}")
                     attacker = Attacker(
-                        broker.url, rng, share, results, ids, pair_ids, campaign.pre_hello
+                        broker.url,
+                        rng,
+                        share,
+                        results,
+                        ids,
+                        pair_ids,
+                        campaign.pre_hello,
+                        campaign.without,
                     )
                     nursery.start_soon(attacker.run)
     if scope.cancelled_caught:
@@ -462,9 +494,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-minutes", type=float, default=d.max_seconds / 60, help="stop after this long"
     )
+    parser.add_argument(
+        "--broker-log", metavar="FILE", help="write everything the broker logs to FILE"
+    )
+    names = [*seed_names(), *mutation_names()]
+    parser.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        choices=names,
+        metavar="NAME",
+        help="leave out a seed kind or a mutation, to get past a known bug (repeatable): "
+        + ", ".join(names),
+    )
     parser.add_argument("--verbose", action="store_true", help="show the peers' own logs")
     args = parser.parse_args(argv)
     campaign = Campaign(
+        broker_log=args.broker_log,
+        without=frozenset(args.without),
         inputs=args.inputs,
         batch=args.batch,
         connections=args.connections,

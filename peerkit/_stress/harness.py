@@ -101,15 +101,20 @@ class _Counter(logging.Handler):
 
 @contextlib.asynccontextmanager
 async def broker_under_test(
-    mode: Mode = "process", options: dict[str, Any] | None = None, *, config_server: bool = True
+    mode: Mode = "process",
+    options: dict[str, Any] | None = None,
+    *,
+    config_server: bool = True,
+    log_path: str | None = None,
 ) -> AsyncIterator[BrokerUnderTest]:
-    """A broker with ``options`` (and a config server), until the block ends."""
+    """A broker with ``options`` (and a config server), until the block ends. In its own
+    process, everything it logs is also written to ``log_path`` if given."""
     options = dict(options or {})
     if mode == "inprocess":
         async with _in_process(options, config_server) as broker:
             yield broker
     else:
-        async with _in_own_process(options, config_server) as broker:
+        async with _in_own_process(options, config_server, log_path) as broker:
             yield broker
 
 
@@ -150,7 +155,7 @@ async def _in_process(
 
 @contextlib.asynccontextmanager
 async def _in_own_process(
-    options: dict[str, Any], config_server: bool
+    options: dict[str, Any], config_server: bool, log_path: str | None
 ) -> AsyncIterator[BrokerUnderTest]:
     command = [sys.executable, "-m", "peerkit._stress.serve", "--options", json.dumps(options)]
     if not config_server:
@@ -179,13 +184,18 @@ async def _in_own_process(
         async def watch_logs() -> None:
             assert process.stderr is not None
             in_error = False
+            log_file = open(log_path, "w") if log_path else None  # noqa: SIM115, ASYNC230
             async for line in _lines(process.stderr):
+                if log_file is not None:
+                    log_file.write(line + "\n")
                 level = logging.getLevelName(line.split(" ", 1)[0])
                 if isinstance(level, int):
                     target.note(level, line)
                     in_error = level >= logging.ERROR
                 elif in_error:  # a traceback's lines follow their record
                     target.errors.append(line)
+            if log_file is not None:
+                log_file.close()
             await process.wait()
             target.ended = target.ended or f"the broker process exited ({process.returncode})"
 

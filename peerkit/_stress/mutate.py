@@ -93,6 +93,8 @@ class Vocabulary:
         "PeerSetParamQuery",
         "no.such.Type",
     )
+    #: seed kinds and mutations left out (to get past a known bug)
+    without: frozenset[str] = frozenset()
 
 
 Envelope = list[Any]
@@ -250,7 +252,11 @@ _SEED_BY_NAME = {s[0]: s[1] for s in SEEDS}
 
 def _seed(rng: random.Random, vocab: Vocabulary, name: str | None = None) -> tuple[str, Envelope]:
     if name is None:
-        name = rng.choices(_SEED_NAMES, _SEED_WEIGHTS)[0]
+        weights = _SEED_WEIGHTS
+        if vocab.without:
+            names = zip(_SEED_NAMES, weights, strict=True)
+            weights = [0 if n in vocab.without else w for n, w in names]
+        name = rng.choices(_SEED_NAMES, weights)[0]
     return name, _SEED_BY_NAME[name](rng, vocab)
 
 
@@ -444,12 +450,14 @@ def make(
 ) -> Input:
     """One input: a seed envelope (of kind ``seed`` if given) broken by a mutation (``mutation``
     if given; ``"many"`` for a frame of many envelopes)."""
+    without = vocab.without
     if mutation is None:
-        mutation = (
-            "many"
-            if rng.random() < MANY_SHARE
-            else rng.choices(_MUTATION_NAMES, _MUTATION_WEIGHTS)[0]
-        )
+        weights = _MUTATION_WEIGHTS
+        if without:
+            named = zip(_MUTATION_NAMES, weights, strict=True)
+            weights = [0 if n in without else w for n, w in named]
+        many = rng.random() < MANY_SHARE and "many" not in without
+        mutation = "many" if many else rng.choices(_MUTATION_NAMES, weights)[0]
     if mutation == "many":
         count = rng.choice([2, 3, 10, 100, rng.randrange(2, 2000)])
         parts: list[bytes] = []
@@ -457,6 +465,8 @@ def make(
         for _ in range(count):
             name, env = _seed(rng, vocab, seed)
             inner = "valid" if rng.random() < 0.5 else rng.choice(_INNER)
+            if inner in without:
+                inner = "valid"
             part = _MUTATION_BY_NAME[inner](rng, env)
             assert isinstance(part, bytes)
             parts.append(part)
@@ -468,10 +478,15 @@ def make(
 
 def make_first(rng: random.Random, vocab: Vocabulary) -> Input:
     """A first frame for a connection that has not said hello: mostly a broken hello."""
-    seed = "hello" if rng.random() < 0.7 else None
+    seed = "hello" if rng.random() < 0.7 and "hello" not in vocab.without else None
     return make(rng, vocab, seed=seed)
 
 
 def seed_names() -> Sequence[str]:
     """The seed kinds, for reports."""
     return tuple(_SEED_NAMES)
+
+
+def mutation_names() -> Sequence[str]:
+    """The mutations (``"many"`` included), for reports."""
+    return (*_MUTATION_NAMES, "many")

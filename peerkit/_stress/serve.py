@@ -2,7 +2,8 @@
 for the stress tools (internal).
 
 It prints ``url ws://...`` on stdout once it listens, logs warnings and errors to stderr
-(``LEVEL logger: message``), and shuts down cleanly on SIGINT or SIGTERM.
+(``LEVEL logger: message``), and shuts down cleanly on SIGINT or SIGTERM. Should the broker
+stop by itself, it logs why (CRITICAL) and the process ends.
 """
 
 from __future__ import annotations
@@ -19,13 +20,25 @@ import trio
 from ..broker import Broker
 from ..config_server import ConfigServer
 
+log = logging.getLogger("peerkit.broker")
+
 
 async def serve(options: dict[str, Any], config_server: bool) -> None:
     """Serve until SIGINT or SIGTERM."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             broker = Broker(**options)
-            await nursery.start(broker.run)
+
+            async def run_broker(*, task_status: trio.TaskStatus[Broker]) -> None:
+                try:
+                    await broker.run(task_status=task_status)
+                except BaseException as exc:
+                    log.critical("the broker stopped: %r", exc, exc_info=exc)
+                    raise
+                log.critical("the broker stopped")
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(run_broker)
             server: ConfigServer | None = None
             if config_server:
                 server = ConfigServer(broker.url)
