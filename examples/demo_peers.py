@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import sys
 import time
 from array import array
@@ -37,7 +38,7 @@ class SignalChunk(Message):
 
     #: 0, 1, 2... per publisher: a missing number is a lost chunk
     seq: int
-    #: time of the chunk's first sample (seconds since the epoch)
+    #: when the chunk was complete: its last sample's time (seconds since the epoch)
     timestamp: float
     sampling_rate: float
     channel_count: int
@@ -85,7 +86,6 @@ class SyntheticAmplifier(ConfiguredPeer):
         period = n / rate
         steps = [2 * math.pi * (c + 1) / rate for c in range(channels)]
         t0 = trio.current_time()
-        wall0 = time.time()
         seq = 0
         with trio.CancelScope() as self._scope:
             while True:
@@ -103,7 +103,7 @@ class SyntheticAmplifier(ConfiguredPeer):
                 await self.send_message(
                     SignalChunk(
                         seq=seq,
-                        timestamp=wall0 + seq * period,
+                        timestamp=time.time(),  # the chunk is complete: it exists from now
                         sampling_rate=float(rate),
                         channel_count=channels,
                         samples=to_bytes(values),
@@ -150,6 +150,19 @@ class LowPassFilter(ConfiguredPeer):
         )
 
 
+def latency_summary(latencies: tuple[float, ...] | list[float]) -> dict[str, float]:
+    """Median, p99 (nearest rank) and max of ``latencies`` (seconds), in milliseconds."""
+    if not latencies:
+        return {"median": 0.0, "p99": 0.0, "max": 0.0}
+    ordered = sorted(latencies)
+    rank = max(0, math.ceil(0.99 * len(ordered)) - 1)
+    return {
+        "median": 1000 * statistics.median(ordered),
+        "p99": 1000 * ordered[rank],
+        "max": 1000 * ordered[-1],
+    }
+
+
 class Recorder(ConfiguredPeer):
     """Writes the chunks of the peer bound to the config source ``signal`` to ``path`` (raw
     float32 little-endian, sample-major; a ``.json`` file next to it describes the layout) and
@@ -167,6 +180,9 @@ class Recorder(ConfiguredPeer):
     last_seq: int | None = None
     channel_count = 0
     _file: Any = None  # the trio async file
+    #: end-to-end latency of each chunk (the amplifier's timestamp to this handler), in s;
+    #: at most 1,000,000 kept (the demo sends 16 chunks a second); set when it starts
+    latencies: tuple[float, ...] | list[float] = ()
 
     def _output(self) -> Path:
         path = Path(self.path)
@@ -175,11 +191,15 @@ class Recorder(ConfiguredPeer):
         return path
 
     async def _dependencies_are_ready(self) -> None:
+        self.latencies = []
         self._file = await trio.open_file(self._output(), "wb")
         source = self.config.config_sources.get("signal", "filter")
         await self.subscribe_for_specific_msg_subtype(SignalChunk, source, self._on_chunk)
 
     async def _on_chunk(self, chunk: SignalChunk) -> None:
+        latencies = self.latencies
+        if isinstance(latencies, list) and len(latencies) < 1_000_000:
+            latencies.append(time.time() - chunk.timestamp)
         assert self._file is not None
         # written first: a chunk cut off by the shutdown is neither in the file nor counted
         await self._file.write(chunk.samples)
@@ -208,8 +228,18 @@ class Recorder(ConfiguredPeer):
             "last_seq": self.last_seq,
             "gaps": self.gaps,
             "lost_chunks": self.lost,
+            "latency_ms": latency_summary(self.latencies),
         }
         output.with_suffix(".json").write_text(json.dumps(description, indent=2) + "\n")
+        lat = description["latency_ms"]
+        log.info(
+            "latency from the amplifier's chunk timestamp to the recorder: median %.2f ms, "
+            "p99 %.2f ms, max %.2f ms over %d chunks",
+            lat["median"],
+            lat["p99"],
+            lat["max"],
+            len(self.latencies),
+        )
         log.info(
             "recorded %d samples x %d channels in %d chunks (seq %s..%s), %d gaps "
             "(%d chunks lost) -> %s",

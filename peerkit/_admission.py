@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from collections.abc import Collection
+from collections.abc import Mapping
 
 from .errors import PeerkitError
 from .protocol import PROTOCOL_VERSION, Hello, Reject
@@ -20,11 +20,16 @@ def admit(
     hello: Hello,
     *,
     token: str | None,
-    connected: Collection[str],
+    connected: Mapping[str, str],
     max_peers: int,
     shutting_down: bool,
 ) -> Reject | None:
-    """None if the peer that said ``hello`` may join, else the :class:`Reject` to send it."""
+    """None if the peer that said ``hello`` may join, else the :class:`Reject` to send it.
+
+    ``connected`` maps the ids of the connected peers to their resume tokens: a hello with
+    a connected id is refused, unless it presents that connection's token (the same peer,
+    reconnecting before the broker noticed it had gone; the caller replaces the old
+    connection)."""
     pid = hello.peer_id
     if hello.protocol_version != PROTOCOL_VERSION:
         return Reject(
@@ -45,6 +50,10 @@ def admit(
             ),
         )
     if pid in connected:
+        if hello.resume_token and hmac.compare_digest(
+            hello.resume_token.encode(), connected[pid].encode()
+        ):
+            return None  # the peer itself, back on a new connection: it replaces the old one
         return Reject(
             reason="duplicate_id",
             detail=f"a peer with id {pid!r} is already connected; choose another peer_id",

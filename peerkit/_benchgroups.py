@@ -722,9 +722,85 @@ async def _group_crowd(opts: Options, report: Report) -> None:
     )
 
 
+async def _publish_and_count(
+    sub: _Child, pub: _Child, count: int, idle_timeout: float
+) -> tuple[dict[str, Any], float]:
+    """One run: the subscriber's result and the publisher's rate (messages per second of
+    its own publishing loop)."""
+    run = _run_id()
+    await sub.send("arm", run=run, expected=count)
+    await sub.expect("armed", 30)
+    await pub.send("publish", run=run, count=count, size=SMALL)
+    published = await pub.expect("published", 900)
+    result = await sub.expect("result", 900)
+    seconds = float(published["seconds"])
+    return result, count / seconds if seconds > 0 else 0.0
+
+
+async def _group_lossless(opts: Options, report: Report) -> None:
+    """A lossless subscriber five times slower than its publisher gets every message, in
+    order; the publisher is slowed to its pace. Beside it, the same publisher's rate with
+    an ordinary (drop) subscriber that keeps up."""
+    count = 50_000 if opts.quick else 1_000_000
+    async with _workers(opts) as w:
+        broker = await w.spawn("broker", "broker")
+        url = (await broker.expect("ready", 60))["url"]
+        fast = await w.spawn("sub", "sub", url=url, peer_id="bench-fast", idle_timeout=10.0)
+        pub = await w.spawn("pub", "pub", url=url, peer_id="bench-pub")
+        for c in (fast, pub):
+            await c.expect("ready", 60)
+        free_runs: list[float] = []
+        for i in range(opts.runs):
+            result, rate = await _publish_and_count(fast, pub, 300_000, 10.0)
+            free_runs.append(rate)
+            progress(f"publisher with a subscriber that keeps up: run {i + 1}: {rate:,.0f} msgs/s")
+    free = statistics.median(free_runs)
+    work_us = 5e6 / free  # the subscriber takes five times the publisher's time per message
+    async with _workers(opts) as w:
+        broker = await w.spawn("broker", "broker")
+        url = (await broker.expect("ready", 60))["url"]
+        slow = await w.spawn(
+            "lossless",
+            "sub",
+            url=url,
+            peer_id="bench-lossless",
+            delivery="lossless",
+            work_us=work_us,
+            idle_timeout=30.0,
+        )
+        pub = await w.spawn("pub", "pub", url=url, peer_id="bench-pub")
+        for c in (slow, pub):
+            await c.expect("ready", 60)
+        progress(f"lossless: {count:,} messages to a subscriber spending {work_us:.1f} us on each")
+        result, with_rate = await _publish_and_count(slow, pub, count, 30.0)
+    delivered = int(result["count"])
+    in_order = result["out_of_order"] == 0 and result["dropped"] == 0
+    report.figures["lossless_delivered"] = Figure(
+        f"lossless subscriber 5x slower than its publisher: delivered of {count:,}",
+        "%",
+        [100.0 * delivered / count],
+        digits=2,
+        target=(">=", 100.0),
+        note=(
+            "in order, none dropped"
+            if in_order
+            else f"out of order {result['out_of_order']}, dropped {result['dropped']}"
+        )
+        + f"; handler work {work_us:.1f} us/message",
+    )
+    report.figures["lossless_pub_rate"] = Figure(
+        "publisher's rate with the lossless slow subscriber",
+        "msgs/s",
+        [with_rate],
+        note=f"without it (a subscriber that keeps up): {free:,.0f} msgs/s",
+    )
+    report.raw["lossless"] = {"result": result, "free_runs": free_runs, "with": with_rate}
+
+
 GROUPS: dict[str, Callable[[Options, Report], Awaitable[None]]] = {
     "p2p": _group_p2p,
     "fanout": _group_fanout,
     "query": _group_query,
+    "lossless": _group_lossless,
     "crowd": _group_crowd,
 }

@@ -138,13 +138,24 @@ async def _subscriber_loop(
 
 
 async def _w_sub(cfg: dict[str, Any], ctl: _Control) -> None:
+    """A subscriber; ``delivery`` chooses its guarantee, ``work_us`` makes its handler
+    spend that long on each message (a subscriber slower than its publisher)."""
     counter = RunCounter()
+    work = float(cfg.get("work_us", 0.0)) / 1e6
     async with Peer(cfg["url"], cfg["peer_id"]) as peer:
 
         def on_msg(msg: BenchMsg) -> None:
             counter.feed(msg.payload)
 
-        await peer.subscribe_for_all_msg_subtype(BenchMsg, on_msg)
+        def on_msg_slowly(msg: BenchMsg) -> None:
+            counter.feed(msg.payload)
+            end = time.perf_counter() + work
+            while time.perf_counter() < end:
+                pass
+
+        await peer.subscribe_for_all_msg_subtype(
+            BenchMsg, on_msg_slowly if work else on_msg, delivery=cfg.get("delivery", "drop")
+        )
         await _subscriber_loop(ctl, counter, lambda: peer.dropped_messages, cfg)
 
 

@@ -12,17 +12,19 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import secrets
+import time
 from collections.abc import Callable
 
 import trio
 import trio_websocket
 
-from . import codec
+from . import codec, jsonwire
 from ._batching import take_counted
-from .codec import Envelope, control
+from .codec import DEFAULT_MAX_MESSAGE_SIZE, Envelope, control
 from .errors import DecodeError
 from .messages import BrokerGoodbyeMsg, MessagesDropped
-from .protocol import Kind, RequestFailed
+from .protocol import DELIVERY_RANK, Kind, RequestFailed
 
 log = logging.getLogger("peerkit.broker")
 
@@ -37,39 +39,71 @@ class Connection:
     __slots__ = (
         "_seen_in",
         "_seen_out",
+        "backpressure",
         "base",
+        "close_code",
         "close_reason",
+        "connected_at",
+        "delivery",
+        "drained",
         "dropped_pending",
         "dropped_total",
         "frames_in",
         "frames_out",
         "goodbye",
+        "json",
         "last_seen",
         "last_sent",
         "limit",
+        "max_message_size",
         "msgs_in",
         "msgs_out",
         "out",
+        "paused",
         "peer_id",
         "queued",
+        "resume_token",
         "scope",
         "state",
         "wakeup",
         "ws",
     )
 
-    def __init__(self, peer_id: str, ws: trio_websocket.WebSocketConnection, limit: int) -> None:
+    def __init__(
+        self,
+        peer_id: str,
+        ws: trio_websocket.WebSocketConnection,
+        limit: int,
+        *,
+        json: bool = False,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
         self.peer_id = peer_id
         self.ws = ws
+        #: the connection speaks the JSON subprotocol (:mod:`peerkit.jsonwire`): text
+        #: messages, translated at the edge; everything inside is the same envelopes
+        self.json = json
+        self.max_message_size = max_message_size
+        self.connected_at = time.time()
+        #: the secret that lets this peer replace this connection if it comes back
+        self.resume_token = secrets.token_urlsafe(18)
         self.limit = limit
         #: envelopes as (head, body, published messages): a control envelope is all head and
         #: carries none; a PUB run's body is shared by every subscriber's queue
         self.out: collections.deque[tuple[bytes, bytes, int]] = collections.deque()
-        self.queued = 0  # published messages in ``out``: at most ``limit``
+        self.queued = 0  # published messages in ``out``: at most ``limit`` (see lossless)
+        #: (type, sender or None) → "latest" or "lossless" for the peer's subscriptions that
+        #: are not delivered the default way ("drop")
+        self.delivery: dict[tuple[str, str | None], str] = {}
+        #: lossless subscribers this peer's last frame overfilled: its reader waits for them
+        self.backpressure: set[Connection] = set()
+        self.drained = trio.Event()  # set when ``out`` falls within the limit again
+        self.paused = False  # the reader waits for back-pressure (it is alive meanwhile)
         self.wakeup = trio.Event()
         self.dropped_pending = 0
         self.dropped_total = 0
         self.close_reason: str | None = None
+        self.close_code = 1008
         self.goodbye: BrokerGoodbyeMsg | None = None
         #: WebSocket messages read and written (the broker's monitor turns their changes
         #: into ``last_seen`` and ``last_sent``, so the hot paths read no clock)
@@ -84,10 +118,13 @@ class Connection:
         self.base = ""  # the base state a custom ``state`` counts as
 
     # ------------------------------------------------------------------ queueing
-    def kick(self, reason: str) -> None:
-        """Close this connection (the first reason given is the one reported)."""
+    def kick(self, reason: str, *, code: int = 1008) -> None:
+        """Close this connection (the first reason given is the one reported). ``code``
+        1008 (policy violation) tells the peer not to come back; 1001 (going away) lets a
+        peer that was only silent (asleep, stopped) reconnect."""
         if self.close_reason is None:
             self.close_reason = reason
+            self.close_code = code
             log.warning("disconnecting %r: %s", self.peer_id, reason)
         self.scope.cancel(reason=reason)
 
@@ -110,6 +147,30 @@ class Connection:
         self.out.append((head, body, count))
         self.wakeup.set()
 
+    def mode_for(self, msg_type: str, sender: str) -> str:
+        """How this peer wants ``msg_type`` from ``sender`` delivered (its strongest
+        subscription that matches)."""
+        specific = self.delivery.get((msg_type, sender), "drop")
+        general = self.delivery.get((msg_type, None), "drop")
+        return specific if DELIVERY_RANK[specific] >= DELIVERY_RANK[general] else general
+
+    def evict_oldest(self, msg_type: str, room: int) -> int:
+        """Make room for ``room`` messages by dropping the oldest queued runs of
+        ``msg_type`` (``latest`` delivery); returns how many messages were dropped."""
+        dropped = 0
+        kept: collections.deque[tuple[bytes, bytes, int]] = collections.deque()
+        for entry in self.out:
+            head, _body, count = entry
+            if count and self.limit - self.queued < room and codec.run_type(head) == msg_type:
+                self.queued -= count
+                dropped += count
+                continue
+            kept.append(entry)
+        if dropped:
+            self.out = kept
+            self.lost(dropped)
+        return dropped
+
     def lost(self, count: int) -> None:
         """Count published messages that did not fit (reported in the next message)."""
         self.dropped_pending += count
@@ -119,7 +180,7 @@ class Connection:
     def note_activity(self, now: float) -> None:
         """Called by the broker's monitor once an interval: what was read or written since
         its last call happened by ``now``."""
-        if self.frames_in != self._seen_in:
+        if self.frames_in != self._seen_in or self.paused:  # paused: we do not read it
             self._seen_in, self.last_seen = self.frames_in, now
         if self.frames_out != self._seen_out:
             self._seen_out, self.last_sent = self.frames_out, now
@@ -133,17 +194,24 @@ class Connection:
         published = take_counted(self.out, limit, parts)
         self.queued -= published
         self.msgs_out += published
+        if self.queued <= self.limit and self.drained.statistics().tasks_waiting:
+            self.drained.set()
+            self.drained = trio.Event()
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     # ------------------------------------------------------------------ tasks
     async def run(
-        self, dispatch: Callable[[Connection, Envelope], None], limit: int, grace_period: float
+        self,
+        dispatch: Callable[[Connection, Envelope], None],
+        limit: int,
+        grace_period: float,
+        stall_timeout: float = 5.0,
     ) -> None:
         """Read and write until the peer goes away or :meth:`kick` (returns either way)."""
         with self.scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, limit)
-                await self._reader(dispatch, grace_period)
+                await self._reader(dispatch, grace_period, stall_timeout)
                 nursery.cancel_scope.cancel()
 
     async def _writer(self, limit: int) -> None:
@@ -152,13 +220,40 @@ class Connection:
             await self.wakeup.wait()
             self.wakeup = trio.Event()
             while self.out or self.dropped_pending:
+                frame = self.next_frame(limit)
                 try:
-                    await ws.send_message(self.next_frame(limit))
+                    await ws.send_message(jsonwire.frame_to_json(frame) if self.json else frame)
                 except trio_websocket.ConnectionClosed:
                     return  # the reader sees it too
                 self.frames_out += 1
 
-    async def _reader(self, dispatch: Callable[[Connection, Envelope], None], grace: float) -> None:
+    async def _wait_for_lossless(self, stall_timeout: float) -> None:
+        """Back-pressure: this peer's last frame overfilled lossless subscribers; read
+        nothing more from it until they have room (its sends then wait on TCP, and its
+        ``send_message`` waits). A subscriber that drains nothing for ``stall_timeout``
+        seconds is disconnected, and the publisher resumes."""
+        self.paused = True
+        try:
+            for target in list(self.backpressure):
+                while target.queued > target.limit and target.close_reason is None:
+                    drained = target.drained  # replaced by the writer once set
+                    with trio.move_on_after(stall_timeout) as scope:
+                        await drained.wait()
+                    if scope.cancelled_caught:
+                        target.kick(
+                            f"a lossless subscriber that read nothing for {stall_timeout:g} s "
+                            "while publishers waited for it (stall_timeout)"
+                        )
+        finally:
+            self.backpressure.clear()
+            self.paused = False
+
+    async def _reader(
+        self,
+        dispatch: Callable[[Connection, Envelope], None],
+        grace: float,
+        stall_timeout: float,
+    ) -> None:
         ws = self.ws
         while True:
             try:
@@ -167,11 +262,15 @@ class Connection:
                 return
             self.frames_in += 1
             try:
-                for env in codec.iter_envelopes(frame):  # type: ignore[arg-type]
+                if isinstance(frame, str):
+                    frame = jsonwire.json_to_frame(frame, self.max_message_size)
+                for env in codec.iter_envelopes(frame):
                     dispatch(self, env)
             except DecodeError as exc:
                 log.warning("bad frame from %r: %s", self.peer_id, exc)
                 self.push(control(Kind.ERROR, RequestFailed(code="bad_frame", detail=str(exc))))
+            if self.backpressure:
+                await self._wait_for_lossless(stall_timeout)
             if self.goodbye is not None and self.scope.deadline == math.inf:
                 # the peer closes after its goodbye; wait for that (bounded) rather than
                 # closing from both ends at once

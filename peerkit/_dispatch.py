@@ -4,6 +4,7 @@ handlers and query routing (internal). It decides and queues; the connections wr
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -16,20 +17,24 @@ from ._connection import Connection
 from .codec import Envelope, control, envelope_head, pack_envelope
 from .errors import BrokerRequestError, DecodeError, MultiplePeersAvailable, NoHandlerError
 from .messages import BrokerGoodbyeMsg, PeerStateChanged
-from .protocol import PUB as _PUB
 from .protocol import (
+    DELIVERY_RANK,
     BrokerInfo,
+    BrokerTime,
     Kind,
     PeerStateReport,
     QueryFailed,
     RegisterHandler,
     RequestFailed,
+    SubscribeOptions,
 )
+from .protocol import PUB as _PUB
 from .routing import RoutingTable
 
 log = logging.getLogger("peerkit.broker")
 
 _STATE_CHANGED = PeerStateChanged.message_type()
+_BROKER_TIME = BrokerTime.message_type()
 #: longest state name a peer may report
 MAX_STATE_LEN = 100
 
@@ -85,6 +90,9 @@ class Dispatcher:
             conn.push(
                 control(Kind.REPLY, info, corr=env.corr, type=info.message_type(), sender=BROKER_ID)
             )
+        elif kind == Kind.TIME:
+            now = BrokerTime(time=time.time())
+            conn.push(control(Kind.REPLY, now, corr=env.corr, type=_BROKER_TIME, sender=BROKER_ID))
         elif kind == Kind.STATE:
             try:
                 report = codec.decode_body(PeerStateReport, env.body)
@@ -127,6 +135,25 @@ class Dispatcher:
             target = conns.get(pid)
             if target is None:
                 continue
+            if count > target.limit - target.queued and target.delivery:
+                mode = target.mode_for(msg_type, sender)
+                if mode == "lossless":  # queue it all; the publisher waits (see Connection)
+                    target.push_run(head, body, count)
+                    source = conns.get(sender)
+                    if source is not None and source is not target:
+                        source.backpressure.add(target)
+                    continue
+                if mode == "latest":  # room for the newest: the oldest of the type go
+                    target.evict_oldest(msg_type, min(count, target.limit))
+                    part, kept = codec.fit_run(
+                        body, count, target.limit - target.queued, newest=True
+                    )
+                    if kept:
+                        part_head = envelope_head(_PUB, msg_type, sender, kept, "", len(part))
+                        target.push_run(part_head, part, kept)
+                    if kept < count:
+                        target.lost(count - kept)
+                    continue
             part, kept = codec.fit_run(body, count, target.limit - target.queued)
             if kept == count:
                 target.push_run(head, body, count)
@@ -165,9 +192,31 @@ class Dispatcher:
             return
         sender = env.target or None
         if env.kind == Kind.SUB:
+            delivery = "drop"
+            if env.body:
+                try:
+                    options = codec.decode_body(SubscribeOptions, env.body)
+                    assert isinstance(options, SubscribeOptions)
+                except DecodeError as exc:
+                    self._nack(conn, env.corr, "bad_request", str(exc))
+                    return
+                delivery = options.delivery
+                if delivery not in DELIVERY_RANK:
+                    self._nack(
+                        conn,
+                        env.corr,
+                        "bad_request",
+                        f"delivery must be one of {', '.join(DELIVERY_RANK)}, not {delivery!r}",
+                    )
+                    return
             self.routing.subscribe(conn.peer_id, env.type, sender)
+            if delivery == "drop":
+                conn.delivery.pop((env.type, sender), None)
+            else:
+                conn.delivery[(env.type, sender)] = delivery
         else:
             self.routing.unsubscribe(conn.peer_id, env.type, sender)
+            conn.delivery.pop((env.type, sender), None)
         self._ack(conn, env.corr)
 
     def _handler_registration(self, conn: Connection, env: Envelope) -> None:

@@ -11,13 +11,9 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from .errors import PeerkitError
+from .errors import HandlerSignatureError
 
 __all__ = ["HandlerSignatureError", "check_handler"]
-
-
-class HandlerSignatureError(PeerkitError, TypeError):
-    """A handler cannot be called the way peerkit calls it: with the message alone."""
 
 
 def _name(handler: Callable[..., Any]) -> str:

@@ -1,5 +1,5 @@
-"""How the launcher's peers run (internal): their records, run directory and log files, and
-the command line, environment and process-group kill of peer processes.
+"""How the launcher's peers run (internal): their records, restart budgets, run directory and
+log files, and the command line, environment and process-group kill of peer processes.
 
 :mod:`peerkit.launch` orchestrates; this module holds what is about one peer.
 """
@@ -13,18 +13,20 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import attrs
 import trio
 
-from .experiment import PeerSpec
+from .experiment import PeerSpec, RestartPolicy
 from .peer import Peer
 
 __all__ = [
     "LOG_FORMAT",
     "RUN_DIR_ENV",
+    "Outcome",
     "PeerRecord",
+    "RestartBudget",
     "RunDirHandler",
     "current_run_dir",
     "kill_process_group",
@@ -61,15 +63,73 @@ def current_run_dir() -> Path | None:
     return Path(env) if env else None
 
 
+@attrs.define
+class RestartBudget:
+    """The restarts of one peer: how many in all, and when the recent ones were (sans-IO).
+
+    The launcher asks :meth:`next_delay` when a run of the peer ends and, if it gets a
+    delay, calls :meth:`note` and restarts the peer after that delay.
+    """
+
+    policy: RestartPolicy
+    #: restarts so far
+    total: int = 0
+    _times: list[float] = attrs.field(factory=list)
+
+    def recent(self, now: float) -> int:
+        """Restarts within the last ``restart_window`` seconds before ``now``."""
+        window = self.policy.restart_window
+        self._times = [t for t in self._times if now - t < window]
+        return len(self._times)
+
+    def next_delay(self, now: float, failed: bool) -> float | None:
+        """The back-off before restarting a run that ended at ``now`` (a failure if
+        ``failed``), or None: the policy does not restart such an end, or the restarts
+        within the window are used up."""
+        if not self.policy.applies(failed):
+            return None
+        done = self.recent(now)
+        if done >= self.policy.max_restarts:
+            return None
+        return self.policy.delay(done + 1)
+
+    def note(self, now: float) -> None:
+        """A restart decided at ``now``."""
+        self._times.append(now)
+        self.total += 1
+
+
+@attrs.frozen
+class Outcome:
+    """How one run of a peer ended: ``finished`` (cleanly), ``failed`` or ``killed`` (by
+    the launcher, as it stopped the peer)."""
+
+    kind: Literal["finished", "failed", "killed"]
+    detail: str
+
+    @property
+    def failed(self) -> bool:
+        return self.kind == "failed"
+
+
 @attrs.define(eq=False)
 class PeerRecord:
-    """What the launcher knows about one peer (read it; the launcher updates it)."""
+    """What the launcher knows about one peer (read it; the launcher updates it).
+
+    A peer may run more than once (its restart policy): ``pid``, ``process``, ``peer``,
+    ``returncode`` and ``killed`` are about the current (or last) run, ``restarts`` counts
+    the runs after the first, ``error`` is the last error of any run. ``exited`` is set once
+    the peer has ended for good.
+    """
 
     spec: PeerSpec
     log_path: Path
-    #: pending, starting, connected, ready, running, shutting_down, disconnected,
-    #: finished, failed, killed
+    #: pending, starting, connected, ready, running, shutting_down, left, disconnected,
+    #: restarting, finished, failed, killed, not started, not restarted; or a custom state
+    #: the peer reported (``base`` says which base state it counts as)
     state: str = "pending"
+    #: the base state of the state the peer last reported ("" when it reports none)
+    base: str = ""
     pid: int | None = None
     returncode: int | None = None
     error: str = ""
@@ -86,6 +146,19 @@ class PeerRecord:
     rate_in: float = 0.0
     rate_out: float = 0.0
     dropped: int = 0
+    #: runs after the first
+    restarts: int = 0
+    budget: RestartBudget = attrs.field(
+        default=attrs.Factory(lambda self: RestartBudget(self.spec.restart), takes_self=True)
+    )
+    #: a run is going on (a process or a task)
+    live: bool = False
+    #: 1 for the first run, 2 for the first restart...
+    run: int = 0
+    #: why the current run failed, noted before it ended (a panic, not ready in time)
+    run_failure: str | None = None
+    #: the broker lost the current run's connection and the peer has not reconnected yet
+    lost: bool = False
     _sample: tuple[float, int, int] | None = None
 
     @property
@@ -94,7 +167,23 @@ class PeerRecord:
 
     @property
     def is_ready(self) -> bool:
-        return self.state in _READY_STATES
+        """A run is going on and its peer reported a state that counts as ready or running
+        (a custom state counts by its base)."""
+        return self.live and self.base in _READY_STATES
+
+    def begin_run(self) -> None:
+        """Forget the last run: a new one begins."""
+        self.run += 1
+        self.state = "starting"
+        self.base = ""
+        self.pid = self.returncode = None
+        self.process = None
+        self.peer = None
+        self.killed = False
+        self.run_failure = None
+        self.lost = False
+        self.scope = trio.CancelScope()
+        self.live = True
 
     @property
     def has_exited(self) -> bool:

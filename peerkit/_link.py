@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import collections
 import logging
+import random
 import ssl
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -73,6 +74,20 @@ class Pending:
             self.event.set()
 
 
+#: close codes after which a peer does NOT reconnect: the broker closed the connection on
+#: purpose (1008: policy, e.g. too slow a reader) or because of what the peer sent (1002,
+#: 1003, 1007, 1009: protocol errors, too big); after any other (a broker that went away,
+#: a lost connection) it does
+_FINAL_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
+
+
+def _lost(text: str, *, reconnectable: bool = True) -> BrokerLostError:
+    """A :class:`BrokerLostError` that says whether reconnecting makes sense."""
+    exc = BrokerLostError(text)
+    exc.reconnectable = reconnectable  # type: ignore[attr-defined]
+    return exc
+
+
 def _close_text(exc: trio_websocket.ConnectionClosed) -> str:
     reason = exc.reason
     if reason is None:
@@ -93,12 +108,21 @@ class Link:
     url: str
     peer_id: str
     handle: Callable[[Envelope], None]
-    #: called once after each incoming WebSocket message's envelopes were handled
-    frame_done: Callable[[], None] = lambda: None
+    #: called once after each incoming WebSocket message's envelopes were handled; when it
+    #: returns True, the reader awaits ``wait_room()`` before it reads on (back-pressure:
+    #: a lossless subscriber's inbox is over its bound)
+    frame_done: Callable[[], bool | None] = lambda: None
+    wait_room: Callable[[], Awaitable[bool]] | None = None
     token: str | None = None
     ssl_context: ssl.SSLContext | None = None
     connect_timeout: float = 10.0
     grace_period: float = 2.0
+    #: reconnect after losing an established connection (for up to reconnect_timeout s)
+    reconnect: bool = False
+    reconnect_timeout: float = 30.0
+    #: called (in a task of the new connection) after each reconnection, to restore what
+    #: the broker must know (subscriptions, handlers, state)
+    on_resume: Callable[[], Awaitable[None]] | None = None
 
     #: published messages written to the broker
     msgs_out: int = 0
@@ -107,6 +131,11 @@ class Link:
     max_message_size: int = codec.DEFAULT_MAX_MESSAGE_SIZE
     #: whether the connection is open and the broker answered hello (envelopes can flow)
     up: bool = False
+    #: completed reconnections
+    reconnects: int = 0
+    #: counts the connections (welcomes): envelopes of one connection mean nothing on the
+    #: next (correlation ids above all)
+    session: int = 0
 
     _ws: trio_websocket.WebSocketConnection | None = None
     _stream: trio.abc.Stream | None = None  # the TCP (or TLS) stream under _ws
@@ -120,6 +149,9 @@ class Link:
     _enqueued: int = 0  # items (envelopes, published messages) ever queued
     _sent: int = 0  # ... and ever written
     _frames_in: int = 0  # WebSocket messages received (the heartbeat task reads it)
+    _paused: bool = False  # the reader waits for room (the broker is not silent meanwhile)
+    _resume_token: str = ""  # from the last welcome
+    _stop_reconnecting: trio.Event = attrs.field(factory=trio.Event)
     _next_corr: int = 1
     _pending: dict[int, Pending] = attrs.field(factory=dict)
     _bad_frames: RateLog = attrs.field(factory=lambda: RateLog(DEFAULT_INTERVAL, trio.current_time))
@@ -178,6 +210,11 @@ class Link:
         A query given up (timeout, cancellation) is cancelled at the broker. Raises the
         error that ended the wait when the link went down meanwhile.
         """
+        if not self.up:
+            raise BrokerLostError(
+                f"{kind.name} request: no connection to the broker at {self.url} "
+                "(it was lost; the peer is reconnecting)"
+            )
         corr = self._next_corr
         self._next_corr += 1
         pending = self._pending[corr] = Pending()
@@ -237,12 +274,75 @@ class Link:
     ) -> None:
         """Connect, say hello (started with the welcome), then move envelopes until the
         connection ends: returns after :meth:`aclose`, raises :class:`BrokerLostError` when
-        the broker goes away and :class:`BrokerConnectError` (or a subclass of
-        :class:`HandshakeRejected`) when it cannot be reached or refuses the peer.
+        the broker goes away (and, with ``reconnect``, cannot be reached again within
+        ``reconnect_timeout``) and :class:`BrokerConnectError` (or a subclass of
+        :class:`HandshakeRejected`) when it cannot be reached at first or refuses the peer.
 
         While the broker's port refuses connections (not started yet), it retries with
         back-off until ``connect_timeout``."""
-        deadline = trio.current_time() + self.connect_timeout
+        try:
+            await self._connect_and_serve(self.connect_timeout, task_status)
+            return
+        except BrokerLostError as exc:
+            if not self.reconnect or self._closing or not getattr(exc, "reconnectable", False):
+                raise
+            lost: BrokerLostError = exc
+        while True:
+            self._went_down(lost)
+            try:
+                async with trio.open_nursery() as nursery:  # the closing peer stops attempts
+                    nursery.start_soon(self._cancel_on_close, nursery.cancel_scope)
+                    await self._connect_and_serve(self.reconnect_timeout, None)
+                    nursery.cancel_scope.cancel()
+                return
+            except BaseExceptionGroup as group:
+                try:
+                    raise_single(group)
+                    raise
+                except BrokerLostError as exc:
+                    if self._closing:
+                        return
+                    if not getattr(exc, "reconnectable", False):
+                        raise
+                    lost = exc
+                except (BrokerConnectError, HandshakeRejected) as exc:
+                    if self._closing:
+                        return
+                    raise BrokerLostError(
+                        f"{lost}; could not reconnect: {exc} (reconnect_timeout="
+                        f"{self.reconnect_timeout} s)"
+                    ) from None
+
+    async def _cancel_on_close(self, scope: trio.CancelScope) -> None:
+        """Stop reconnection attempts when the peer closes (a connection that is up closes
+        the ordinary way: goodbye, flush, close)."""
+        await self._stop_reconnecting.wait()
+        if not self.up:
+            scope.cancel(reason="the peer is closing")
+
+    def _went_down(self, lost: BaseException) -> None:
+        """The connection was lost and the link will reconnect: what was waiting for the
+        old connection ends now."""
+        log.warning("peer %r lost its broker (%s); reconnecting", self.peer_id, lost)
+        self.fail_pending(BrokerLostError(f"the connection to the broker was lost: {lost}"))
+        # control envelopes (answers, requests, reports) belonged to the old connection;
+        # runs of published messages wait for the new one
+        kept: collections.deque[Outgoing] = collections.deque(
+            item for item in self._out if isinstance(item, Run)
+        )
+        self._sent += sum(1 for item in self._out if not isinstance(item, Run))
+        self._out.clear()
+        self._out.extend(kept)
+        self._tail = None
+        self._progress.unpark_all()
+
+    async def _connect_and_serve(
+        self, timeout: float, task_status: trio.TaskStatus[Welcome] | None
+    ) -> None:
+        """One connection: connect (retrying while the port refuses), hello, then serve it
+        until it ends. ``task_status`` None: a reconnection (``on_resume`` restores what the
+        broker must know)."""
+        deadline = trio.current_time() + timeout
         delay = 0.05
         last_error: BaseException | None = None
         while True:
@@ -257,11 +357,11 @@ class Link:
                 detail = f" (last error: {last_error})" if last_error is not None else ""
                 raise BrokerConnectError(
                     f"could not connect to the broker at {self.url} within "
-                    f"{self.connect_timeout} s{detail}; is it running? (raise connect_timeout "
+                    f"{timeout} s{detail}; is it running? (raise connect_timeout "
                     "to wait longer)"
                 )
             with trio.move_on_at(deadline):
-                await trio.sleep(delay)
+                await trio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: not all at once
             delay = min(delay * 2, 1.0)
         try:
             try:
@@ -310,7 +410,7 @@ class Link:
         nursery: trio.Nursery,
         stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
         deadline: float,
-        task_status: trio.TaskStatus[Welcome],
+        task_status: trio.TaskStatus[Welcome] | None,
     ) -> None:
         url = urllib.parse.urlsplit(self.url)
         resource = (url.path or "/") + (f"?{url.query}" if url.query else "")
@@ -343,7 +443,7 @@ class Link:
         self,
         ws: trio_websocket.WebSocketConnection,
         deadline: float,
-        task_status: trio.TaskStatus[Welcome],
+        task_status: trio.TaskStatus[Welcome] | None,
     ) -> None:
         self._ws = ws
         try:
@@ -357,6 +457,8 @@ class Link:
                 )
             self.welcome = welcome
             self.max_message_size = welcome.max_message_size
+            self._resume_token = welcome.resume_token
+            self.session += 1
             self.up = True
             for env in rest:
                 self.handle(env)
@@ -364,7 +466,10 @@ class Link:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer, ws)
                     nursery.start_soon(self._heartbeat, welcome)
-                    task_status.started(welcome)
+                    if task_status is not None:
+                        task_status.started(welcome)
+                    else:
+                        nursery.start_soon(self._resume)
                     await self._reader(ws)
                     nursery.cancel_scope.cancel(reason="the broker connection ended")
             except BaseExceptionGroup as group:
@@ -374,11 +479,25 @@ class Link:
             self.up = False
             self._progress.unpark_all()
 
+    async def _resume(self) -> None:
+        """After a reconnection: restore what the broker must know, then count it."""
+        if self._out:
+            self._out_ready.set()  # what waited for the new connection
+        if self.on_resume is not None:
+            await self.on_resume()
+        self.reconnects += 1
+        log.info(
+            "peer %r reconnected to %s (reconnection %d)", self.peer_id, self.url, self.reconnects
+        )
+
     async def _hello(
         self, ws: trio_websocket.WebSocketConnection
     ) -> tuple[Welcome, list[Envelope]]:
         hello = Hello(
-            peer_id=self.peer_id, protocol_version=PROTOCOL_VERSION, token=self.token or ""
+            peer_id=self.peer_id,
+            protocol_version=PROTOCOL_VERSION,
+            token=self.token or "",
+            resume_token=self._resume_token,
         )
         try:
             await ws.send_message(control(Kind.HELLO, hello))
@@ -408,6 +527,7 @@ class Link:
         """Write what is queued (bounded by the caller's deadline), then close the
         connection; the link's :meth:`run` returns."""
         self._closing = True
+        self._stop_reconnecting.set()
         if self.up:
             await self.flush()
         if self._ws is not None:
@@ -475,9 +595,11 @@ class Link:
             except trio_websocket.ConnectionClosed as exc:
                 if self._closing:
                     return
-                raise BrokerLostError(
+                code = exc.reason.code if exc.reason is not None else 1006
+                raise _lost(
                     f"the broker at {self.url} closed the connection of {self.peer_id!r} "
-                    f"({_close_text(exc)})"
+                    f"({_close_text(exc)})",
+                    reconnectable=code not in _FINAL_CODES,
                 ) from None
             self._frames_in += 1
             self._in_frame = True
@@ -497,9 +619,33 @@ class Link:
                     )
             finally:
                 self._in_frame = False
-            self.frame_done()
+            if self.frame_done() and self.wait_room is not None:
+                await self._wait_room(self.wait_room)
             if self._out:  # e.g. the answers to the queries it brought
                 await self._write_inline(shield=False)  # (or wakes the writer)
+
+    async def _wait_room(self, wait_room: Callable[[], Awaitable[bool]]) -> None:
+        """Read nothing until the handlers make progress (lossless back-pressure); handlers
+        that take nothing for the heartbeat timeout give the connection up (the broker
+        disconnects such a subscriber anyway, after its stall_timeout)."""
+        timeout = self.welcome.heartbeat_timeout if self.welcome is not None else 5.0
+        self._paused = True
+        try:
+            while True:
+                with trio.move_on_after(timeout) as scope:
+                    more = await wait_room()
+                if scope.cancelled_caught:
+                    raise _lost(
+                        f"peer {self.peer_id!r}: its handlers took no message for {timeout:g} s "
+                        "while a lossless subscription's messages waited; it gave up its "
+                        "connection (a lossless subscriber must keep up, or it stalls the "
+                        "publishers)",
+                        reconnectable=False,
+                    )
+                if not more:
+                    return
+        finally:
+            self._paused = False
 
     async def _heartbeat(self, welcome: Welcome) -> None:
         """Send a heartbeat when the peer said nothing for an interval; give the broker up
@@ -517,10 +663,10 @@ class Link:
         while True:
             await trio.sleep_until(min(next_beat, heard + timeout))
             now = trio.current_time()
-            if self._frames_in != seen:
+            if self._frames_in != seen or self._paused:  # paused: we are not reading
                 seen, heard = self._frames_in, now
             if now - heard >= timeout:
-                raise BrokerLostError(f"no word from the broker at {self.url} for {timeout:g} s")
+                raise _lost(f"no word from the broker at {self.url} for {timeout:g} s")
             if now >= next_beat:
                 if self._enqueued == last:
                     self.push(beat)

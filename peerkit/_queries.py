@@ -62,11 +62,12 @@ class Queries:
     builtin: dict[str, Handler] = attrs.field(factory=dict)
 
     _handlers: dict[str, Handler] = attrs.field(factory=dict)
-    _send: trio.MemorySendChannel[tuple[Envelope, Awaitable[Any]]] = attrs.field(init=False)
-    _recv: trio.MemoryReceiveChannel[tuple[Envelope, Awaitable[Any]]] = attrs.field(init=False)
+    _policies: dict[str, str] = attrs.field(factory=dict)
+    _send: trio.MemorySendChannel[tuple[Envelope, Awaitable[Any], int]] = attrs.field(init=False)
+    _recv: trio.MemoryReceiveChannel[tuple[Envelope, Awaitable[Any], int]] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._send, self._recv = trio.open_memory_channel[tuple[Envelope, Awaitable[Any]]](
+        self._send, self._recv = trio.open_memory_channel[tuple[Envelope, Awaitable[Any], int]](
             self.max_concurrent * 4
         )
 
@@ -100,7 +101,7 @@ class Queries:
             self._reply(env, result)
             return
         try:
-            self._send.send_nowait((env, result))
+            self._send.send_nowait((env, result, self.link.session))
         except trio.WouldBlock:
             _never_run(result)
             self.fail(
@@ -112,23 +113,27 @@ class Queries:
 
     async def worker(self) -> None:
         """Run async handlers' answers, one at a time (the peer starts several)."""
-        async for env, pending in self._recv:
+        async for env, pending, session in self._recv:
             try:
                 result = await pending
             except Exception as exc:
-                self._remote_error(env, exc)
+                if self.link.session == session:
+                    self._remote_error(env, exc)
             else:
-                self._reply(env, result)
+                # an answer to a query that came over a connection since lost is dropped:
+                # its correlation id means nothing (or something else) to the new one
+                if self.link.session == session:
+                    self._reply(env, result)
 
     def drop_waiting(self) -> None:
         """Queries still waiting for a worker will not be answered: tell their askers."""
         while True:
             try:
-                env, rest = self._recv.receive_nowait()
+                env, rest, session = self._recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return
             _never_run(rest)
-            if self.link.up:
+            if self.link.up and self.link.session == session:
                 self.fail(env, "handler_gone", f"peer {self.peer_id!r} is shutting down")
 
     def fail(self, env: Envelope, code: str, detail: str) -> None:
@@ -186,6 +191,7 @@ class Queries:
                 "unregister_query_handler() first",
             )
         self._handlers[type_name] = handler
+        self._policies[type_name] = policy
         try:
             await self.link.call(
                 Kind.REG,
@@ -198,6 +204,16 @@ class Queries:
                 # cancelled or timed out: the broker may have registered us; undo that
                 self.link.push(pack_envelope(int(Kind.UNREG), type_name))
             raise
+
+    async def reregister(self) -> None:
+        """Tell a new broker connection every type this peer answers."""
+        for type_name in list(self._handlers):
+            body = codec.encode_body(
+                RegisterHandler(
+                    msg_type=type_name, policy=self._policies.get(type_name, "exclusive")
+                )
+            )
+            await self.link.call(Kind.REG, body=body, timeout=self.request_timeout)
 
     async def unregister(self, msg_type: type[Message], *, tell_broker: bool) -> None:
         type_name = message_type_of(msg_type)
@@ -215,7 +231,10 @@ class Queries:
         body = codec.encode_body(msg, self.link.max_message_size)
         what = f"query {type_name!r}" + (f" to {target!r}" if target else "")
         if not self.link.up:
-            raise BrokerLostError(f"{what}: the peer has no connection to the broker")
+            raise BrokerLostError(
+                f"{what}: the peer has no connection to the broker (it was lost; the peer is "
+                "reconnecting)"
+            )
         env = await self.link.request(Kind.QUERY, type_name, target, body, timeout)
         if env is None:
             raise QueryTimeout(f"{what}: no answer within {timeout:g} s")

@@ -9,23 +9,30 @@ its stream.
 :func:`peer_records` and :func:`peers_table` turn the broker's :class:`~peerkit.protocol.PeerInfo`
 records into ``peerkit peers --json`` and its table. Both read the message counts through one
 function, :func:`peer_counts`, so the table and the JSON cannot disagree on their direction.
+:func:`event_line` and :func:`event_record` do the same for ``peerkit peers --watch``: the
+broker's state events as a line, or as a JSON object.
 """
 
 from __future__ import annotations
 
+import datetime
 import shutil
 from collections.abc import Sequence
 from typing import Any, Protocol, TextIO
 
 import attrs
 
+from .messages import PeerJoined, PeerLeft, PeerStateChanged
 from .protocol import PeerInfo
 
 __all__ = [
     "LogView",
     "PeerRow",
+    "StatusEvent",
     "StatusView",
     "TerminalView",
+    "event_line",
+    "event_record",
     "format_table",
     "peer_counts",
     "peer_records",
@@ -46,6 +53,8 @@ class PeerRow:
     dropped: int = 0
     essential: bool = True
     last_error: str = ""
+    #: runs after the first (the restart policy's)
+    restarts: int = 0
 
 
 class StatusView(Protocol):
@@ -65,7 +74,7 @@ def _rate(value: float) -> str:
     return f"{value:.0f}" if value >= 10 or value == 0 else f"{value:.1f}"
 
 
-_HEADERS = ("PEER", "PID", "STATE", "IN/s", "OUT/s", "DROPPED", "LAST ERROR")
+_HEADERS = ("PEER", "PID", "STATE", "IN/s", "OUT/s", "DROPPED", "RESTARTS", "LAST ERROR")
 
 
 def format_table(rows: Sequence[PeerRow], width: int = 100) -> list[str]:
@@ -78,12 +87,13 @@ def format_table(rows: Sequence[PeerRow], width: int = 100) -> list[str]:
             _rate(r.rate_in),
             _rate(r.rate_out),
             str(r.dropped),
+            str(r.restarts),
             r.last_error.replace("\n", " "),
         )
         for r in rows
     ]
     widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(_HEADERS)]
-    right = {3, 4, 5}
+    right = {3, 4, 5, 6}
 
     def line(values: Sequence[str]) -> str:
         parts = [
@@ -158,6 +168,7 @@ class LogView:
         parts = [
             f"{r.peer_id} {r.state} in {_rate(r.rate_in)}/s out {_rate(r.rate_out)}/s"
             + (f" dropped {r.dropped}" if r.dropped else "")
+            + (f" restarts {r.restarts}" if r.restarts else "")
             for r in rows
         ]
         self.event(elapsed, "status: " + "; ".join(parts))
@@ -226,3 +237,42 @@ def peers_table(infos: Sequence[PeerInfo]) -> list[str]:
         if p.query_handlers:
             lines.append(f"    answers:       {', '.join(p.query_handlers)}")
     return lines
+
+
+# ---------------------------------------------------------------------- peerkit peers --watch
+
+#: The broker's state events, which ``peerkit peers --watch`` shows.
+StatusEvent = PeerJoined | PeerStateChanged | PeerLeft
+
+#: peer ids up to this long keep the --watch columns aligned
+_WATCH_ID_WIDTH = 16
+
+
+def _what(msg: StatusEvent) -> str:
+    if isinstance(msg, PeerJoined):
+        return "joined (resumed)" if msg.resumed else "joined"
+    if isinstance(msg, PeerStateChanged):
+        counts = f" (counts as {msg.base})" if msg.base and msg.base != msg.new else ""
+        return f"{msg.old} -> {msg.new}{counts}"
+    if msg.clean:
+        return "left (clean)" if msg.reason == "goodbye" else f"left (clean: {msg.reason})"
+    return f"left ({msg.reason})"
+
+
+def event_line(msg: StatusEvent, when: datetime.datetime) -> str:
+    """One event as ``12:00:01.234  amplifier         ready -> running``."""
+    stamp = when.strftime("%H:%M:%S.%f")[:-3]
+    return f"{stamp}  {msg.sender.ljust(_WATCH_ID_WIDTH)}  {_what(msg)}"
+
+
+def event_record(msg: StatusEvent, when: datetime.datetime) -> dict[str, Any]:
+    """One event as a JSON object: ``time`` (ISO 8601), ``peer_id``, ``event`` (``joined``,
+    ``state`` or ``left``) and the event's own fields."""
+    record: dict[str, Any] = {"time": when.isoformat(), "peer_id": msg.sender}
+    if isinstance(msg, PeerJoined):
+        record.update(event="joined", resumed=msg.resumed)
+    elif isinstance(msg, PeerStateChanged):
+        record.update(event="state", old=msg.old, new=msg.new, base=msg.base or msg.new)
+    else:
+        record.update(event="left", clean=msg.clean, reason=msg.reason)
+    return record

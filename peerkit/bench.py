@@ -90,6 +90,8 @@ _ORDER = [
     "query_median",
     "query_p99",
     "lone",
+    "lossless_delivered",
+    "lossless_pub_rate",
     "bare_100_msgs",
     "bare_100_mbs",
     "bare_8192_msgs",

@@ -16,14 +16,16 @@ requests it chooses with :meth:`Broker.handle_request`.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import ssl
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, Literal
 
 import trio
 import trio_websocket
 
-from . import codec
+from . import codec, jsonwire
 from ._admission import BROKER_ID, admit, check_bind
 from ._batching import MESSAGE_QUEUE, RECEIVE_BUFFER, batch_limit, ws_max_frame
 from ._checks import check_positive_int, check_seconds
@@ -75,6 +77,9 @@ class Broker(OwnNursery):
     * ``overflow``: ``"drop"`` (default: drop and tell the subscriber how many) or
       ``"disconnect"`` (close a subscriber that cannot keep up).
     * ``grace_period``: seconds a clean shutdown waits for peers to say goodbye.
+    * ``stall_timeout``: a subscriber with a ``lossless`` subscription slows its
+      publishers down when it cannot keep up (the broker stops reading them); one that
+      drains nothing for this many seconds is disconnected and the publishers resume.
     * ``listen``: ``True`` (default) serves on ``host:port``; ``False`` opens no port:
       the broker is mounted on an application's trio-websocket server, which hands it
       requests with :meth:`handle_request` (see "Embedding peerkit in a trio application").
@@ -95,6 +100,7 @@ class Broker(OwnNursery):
         send_queue_size: int = 10_000,
         overflow: Literal["drop", "disconnect"] = "drop",
         grace_period: float = 2.0,
+        stall_timeout: float = 5.0,
         listen: bool = True,
     ) -> None:
         check_bind(host, token)
@@ -113,6 +119,7 @@ class Broker(OwnNursery):
             ("heartbeat_interval", heartbeat_interval),
             ("heartbeat_timeout", heartbeat_timeout),
             ("grace_period", grace_period),
+            ("stall_timeout", stall_timeout),
         ):
             check_seconds(name, fvalue)
         if heartbeat_timeout <= heartbeat_interval:
@@ -132,6 +139,7 @@ class Broker(OwnNursery):
         self.send_queue_size = send_queue_size
         self.overflow = overflow
         self.grace_period = float(grace_period)
+        self.stall_timeout = float(stall_timeout)
 
         self.listen = bool(listen)
 
@@ -192,6 +200,7 @@ class Broker(OwnNursery):
                     msgs_out=c.msgs_out,
                     state=c.state,
                     base=c.base,
+                    connected_at=c.connected_at,
                 )
                 for c in sorted(self._conns.values(), key=lambda c: c.peer_id)
             ]
@@ -302,23 +311,50 @@ class Broker(OwnNursery):
         with trio.CancelScope() as scope:
             self._handlers.add(scope)
             try:
-                ws = await request.accept()
-            except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
-                self._handlers.discard(scope)
-                return
-            try:
-                await self._serve_connection(ws)
+                subprotocol = jsonwire.choose_subprotocol(request.proposed_subprotocols)
+                if subprotocol is not None and not self._origin_allowed(request):
+                    await request.reject(403, body=b"this page's origin may not connect\n")
+                    return
+                try:
+                    ws = await request.accept(subprotocol=subprotocol)
+                except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
+                    return
+                await self._serve_connection(ws, json=subprotocol is not None)
             finally:
                 self._handlers.discard(scope)
 
-    async def _serve_connection(self, ws: trio_websocket.WebSocketConnection) -> None:
+    def _origin_allowed(self, request: trio_websocket.WebSocketRequest) -> bool:
+        """A browser lets any web site's page open a WebSocket to any address, loopback
+        included: without a token, a JSON (browser) connection is taken only from a page
+        served from this machine (or from no page at all)."""
+        if self.token is not None:
+            return True  # the token authenticates, whatever page the peer runs in
+        origins = [v for k, v in request.headers if k.lower() == b"origin"]
+        if not origins:
+            return True
+        host = urllib.parse.urlsplit(origins[0].decode("latin-1")).hostname or ""
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    async def _serve_connection(
+        self, ws: trio_websocket.WebSocketConnection, *, json: bool = False
+    ) -> None:
         conn: Connection | None = None
         try:
-            conn = await self._handshake(ws)
+            conn = await self._handshake(ws, json)
             if conn is None:
                 return
             try:
-                await conn.run(self._dispatcher.dispatch, self._batch_limit, self.grace_period)
+                await conn.run(
+                    self._dispatcher.dispatch,
+                    self._batch_limit,
+                    self.grace_period,
+                    self.stall_timeout,
+                )
             finally:
                 self._remove(conn)
         except* (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
@@ -329,45 +365,55 @@ class Broker(OwnNursery):
             with trio.move_on_after(self.grace_period) as cs:
                 cs.shield = True
                 if conn is not None and conn.close_reason is not None:
-                    await ws.aclose(code=1008, reason=conn.close_reason[:120])
+                    await ws.aclose(code=conn.close_code, reason=conn.close_reason[:120])
                 else:
                     await ws.aclose()
 
-    async def _handshake(self, ws: trio_websocket.WebSocketConnection) -> Connection | None:
+    async def _handshake(
+        self, ws: trio_websocket.WebSocketConnection, json: bool
+    ) -> Connection | None:
         with trio.move_on_after(self.handshake_timeout):
             try:
                 frame = await ws.get_message()
             except trio_websocket.ConnectionClosed:
                 return None
-            return await self._accept_hello(ws, frame)
-        await self._reject(ws, "bad_hello", f"no hello within {self.handshake_timeout} s")
+            return await self._accept_hello(ws, frame, json)
+        await self._reject(ws, "bad_hello", f"no hello within {self.handshake_timeout} s", json)
         return None
 
     async def _accept_hello(
-        self, ws: trio_websocket.WebSocketConnection, frame: bytes | str
+        self, ws: trio_websocket.WebSocketConnection, frame: bytes | str, json: bool
     ) -> Connection | None:
         try:
-            envs = list(codec.iter_envelopes(frame))  # type: ignore[arg-type]
+            if isinstance(frame, str):
+                frame = jsonwire.json_to_frame(frame, self.max_message_size)
+            envs = list(codec.iter_envelopes(frame))
             if len(envs) != 1 or envs[0].kind != Kind.HELLO:
                 raise DecodeError("the first frame must hold exactly one hello envelope")
             hello = codec.decode_body(Hello, envs[0].body)
             assert isinstance(hello, Hello)
         except (DecodeError, TypeError) as exc:
-            await self._reject(ws, "bad_hello", f"bad handshake: {exc}")
+            await self._reject(ws, "bad_hello", f"bad handshake: {exc}", json)
             return None
         pid = hello.peer_id
         reject = admit(
             hello,
             token=self.token,
-            connected=self._conns,
+            connected={p: c.resume_token for p, c in self._conns.items()},
             max_peers=self.max_peers,
             shutting_down=self._shutting_down,
         )
+        if reject is None and pid in self._conns:  # the peer is back: its old connection goes
+            stale = self._conns[pid]
+            stale.kick("replaced by the same peer's new connection (it reconnected)")
+            self._remove(stale, replaced=True)
         if reject is not None:
             log.warning("rejected peer %r: %s", pid, reject.detail)
-            await self._reject(ws, reject.reason, reject.detail)
+            await self._reject(ws, reject.reason, reject.detail, json)
             return None
-        conn = Connection(pid, ws, self.send_queue_size)
+        conn = Connection(
+            pid, ws, self.send_queue_size, json=json, max_message_size=self.max_message_size
+        )
         self._conns[pid] = conn
         self.routing.add_peer(pid)
         self._all_gone = trio.Event()
@@ -379,24 +425,30 @@ class Broker(OwnNursery):
                     heartbeat_interval=self.heartbeat_interval,
                     heartbeat_timeout=self.heartbeat_timeout,
                     max_message_size=self.max_message_size,
+                    resume_token=conn.resume_token,
                 ),
             )
         )
-        log.info("peer %r connected", pid)
-        self._dispatcher.publish(pid, _PEER_JOINED_TYPE, codec.encode_body(PeerJoined(peer_id=pid)))
+        resumed = bool(hello.resume_token)
+        log.info("peer %r %s", pid, "reconnected" if resumed else "connected")
+        joined = PeerJoined(peer_id=pid, resumed=resumed)
+        self._dispatcher.publish(pid, _PEER_JOINED_TYPE, codec.encode_body(joined))
         return conn
 
     async def _reject(
-        self, ws: trio_websocket.WebSocketConnection, reason: str, detail: str
+        self, ws: trio_websocket.WebSocketConnection, reason: str, detail: str, json: bool
     ) -> None:
+        frame = control(Kind.REJECT, Reject(reason=reason, detail=detail))
         with trio.move_on_after(self.grace_period):
             try:
-                await ws.send_message(control(Kind.REJECT, Reject(reason=reason, detail=detail)))
+                await ws.send_message(jsonwire.frame_to_json(frame) if json else frame)
                 await ws.aclose(code=1008, reason=reason)
             except trio_websocket.ConnectionClosed:
                 pass
 
-    def _remove(self, conn: Connection) -> None:
+    def _remove(self, conn: Connection, *, replaced: bool = False) -> None:
+        """Forget ``conn`` (its routes; its pending queries fail at once) and tell the
+        others it left, unless it is ``replaced`` by the same peer's new connection."""
         if self._conns.get(conn.peer_id) is not conn:
             return
         del self._conns[conn.peer_id]
@@ -411,6 +463,9 @@ class Broker(OwnNursery):
                     peer_id=pq.handler,
                 ),
             )
+        if replaced:
+            log.info("peer %r reconnected: its old connection is closed", conn.peer_id)
+            return
         if conn.goodbye is not None:
             reason = "goodbye" + (f" ({conn.goodbye.error_msg})" if conn.goodbye.error_msg else "")
             log.info("peer %r left: %s", conn.peer_id, reason)
@@ -451,6 +506,6 @@ class Broker(OwnNursery):
             for conn in list(self._conns.values()):
                 conn.note_activity(now)
                 if now - conn.last_seen >= self.heartbeat_timeout:
-                    conn.kick(f"no heartbeat for {now - conn.last_seen:.1f} s")
+                    conn.kick(f"no heartbeat for {now - conn.last_seen:.1f} s", code=1001)
                 elif not conn.out and now - conn.last_sent >= self.heartbeat_interval * 0.9:
                     conn.push(beat)  # only to peers that heard nothing else lately

@@ -2,7 +2,8 @@
 
 Subcommands: ``broker`` (serve a broker), ``run`` (run one peer), ``launch`` (run an
 experiment file), ``ctl`` (start, stop or close a peer), ``peers`` (list the peers a broker
-knows) and ``completion`` (print a bash or zsh completion script). Exit status: 0 success,
+knows, or ``--watch`` them join, change state and leave) and ``completion`` (print a bash or
+zsh completion script). Exit status: 0 success,
 1 failure, 2 usage or validation error, 130 interrupted (Ctrl-C) before a peer was running.
 
 Everything a user can get wrong ends in **one line** on stderr naming the fix, in the words
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import errno
 import json
 import logging
@@ -43,7 +45,7 @@ import attrs
 import trio
 
 from ._completion import SHELLS, bash_script, zsh_script
-from ._status import peer_records, peers_table
+from ._status import StatusEvent, event_line, event_record, peer_records, peers_table
 from .broker import Broker
 from .config import ConfigServer, ConfiguredPeer
 from .errors import (
@@ -57,7 +59,14 @@ from .errors import (
 )
 from .experiment import CONFIG_SERVER_ID, ExperimentError, import_class, load_experiment
 from .launch import LOG_FORMAT, Launcher
-from .messages import CONTROL_ACTIONS, OkMsg, PeerControlMessage
+from .messages import (
+    CONTROL_ACTIONS,
+    OkMsg,
+    PeerControlMessage,
+    PeerJoined,
+    PeerLeft,
+    PeerStateChanged,
+)
 from .params import ConfigError, merge_overrides, parse_overrides
 from .peer import Peer
 from .protocol import BrokerInfo
@@ -160,13 +169,19 @@ _PEERS_DESCRIPTION = """\
 List the peers connected to a broker: state, message counts, subscriptions and
 query handlers. SENT is what a peer published, RECEIVED what the broker
 delivered to it, QUEUED what waits in the broker for it, DROPPED what the broker
-dropped because the peer was too slow (the same names in --json)."""
+dropped because the peer was too slow (the same names in --json).
+
+With --watch, print the peers' events as they happen instead, one line each:
+a peer joined, changed state (old -> new; a custom state with the base state it
+counts as) or left (clean, or why not), until Ctrl-C or --duration."""
 
 _PEERS_EPILOG = """\
 examples:
   peerkit peers
   peerkit peers --json --broker ws://127.0.0.1:41483
   peerkit peers --wait --connect-timeout 30      wait for the broker to come up
+  peerkit peers --watch                          live, until Ctrl-C
+  peerkit peers --watch --json --duration 60     JSON lines, for a minute
 """
 
 _COMPLETION_DESCRIPTION = """\
@@ -429,7 +444,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subparser(
         sub, "peers", "list the peers connected to a broker", _PEERS_DESCRIPTION, _PEERS_EPILOG
     )
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON list instead of a table (with --watch: a JSON object per line)",
+    )
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="print the peers' events live (joined, state changes, left) until Ctrl-C",
+    )
+    p.add_argument(
+        "--duration",
+        type=_seconds,
+        metavar="S",
+        help="with --watch: stop watching after S seconds",
+    )
     p.add_argument(
         "--timeout",
         type=_seconds,
@@ -1026,6 +1056,10 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
 
 
 def _cmd_peers(args: argparse.Namespace) -> int:
+    if args.watch:
+        return _watch_peers(args)
+    if args.duration is not None:
+        raise _UsageError("--duration goes with --watch; add --watch to watch the peers live")
     reach = _Reach.from_args(args)
     peer = _cli_peer(args, "peers", reach)
 
@@ -1051,6 +1085,78 @@ def _cmd_peers(args: argparse.Namespace) -> int:
     else:
         print("\n".join(peers_table(rows)))
     return 0
+
+
+class _WatchPeer(Peer):
+    """The peer of ``peerkit peers --watch``: says so when it got its broker back (peers
+    reconnect by default), since the events of the time without it are missing."""
+
+    async def _reconnected(self) -> None:
+        _say_error(
+            "peers",
+            f"reconnected to the broker at {self.broker_url}; events while the connection "
+            "was down are missing ('peerkit peers' lists the peers now)",
+        )
+
+
+def _watch_peers(args: argparse.Namespace) -> int:
+    """``peerkit peers --watch``: the broker's state events, a line each, as they come."""
+    reach = _Reach.from_args(args)
+    peer = _WatchPeer(
+        args.broker,
+        f"peerkit-peers-{uuid.uuid4().hex[:8]}",
+        token=args.token,
+        connect_timeout=reach.peer_timeout,
+        request_timeout=args.timeout,
+    )
+
+    def show(msg: StatusEvent) -> None:
+        if msg.sender == peer.peer_id:  # the command itself
+            return
+        when = datetime.datetime.now().astimezone()
+        text = json.dumps(event_record(msg, when)) if args.json else event_line(msg, when)
+        print(text, flush=True)
+
+    async def watch(logs: _ShowOnce) -> int:
+        logs.hide = True  # the command's own peer: the command reports its errors
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await _start_peer(nursery, peer, reach, "peers", logs)
+                try:
+                    await peer.subscribe_for_all_msg_subtype(PeerJoined, show)
+                    await peer.subscribe_for_all_msg_subtype(PeerStateChanged, show)
+                    await peer.subscribe_for_all_msg_subtype(PeerLeft, show)
+                except PeerkitError as exc:
+                    await peer.async_shutdown()
+                    why = _flags(str(peer.error or exc))
+                    raise _Failure(f"could not watch the peers of {reach.url}: {why}") from None
+                until = f" for {args.duration:g} s" if args.duration else "; Ctrl-C to stop"
+                _say_error("peers", f"watching the peers of {reach.url}{until}")
+                stopped = False
+                with trio.move_on_after(args.duration or math.inf):
+                    async with trio.open_nursery() as waits:
+
+                        async def on_signal() -> None:
+                            nonlocal stopped
+                            async for _signum in signals:
+                                stopped = True
+                                waits.cancel_scope.cancel()
+
+                        waits.start_soon(on_signal)
+                        await peer.wait_finished()  # the broker went away
+                        waits.cancel_scope.cancel()
+                stopped = stopped or not peer.is_finished
+                await peer.async_shutdown()
+                nursery.cancel_scope.cancel()
+        if stopped:
+            return 0
+        if peer.error is not None:
+            raise _Failure(f"lost the broker at {reach.url}: {_flags(str(peer.error))}")
+        _say_error("peers", f"the broker at {reach.url} shut down; the watch is over")
+        return 0
+
+    with _logging(args.log_level) as logs:
+        return trio.run(watch, logs)
 
 
 # ============================================================================ completion

@@ -403,14 +403,17 @@ def split_run(bodies: bytes, keep: int) -> bytes:
     return bodies[: unpacker.tell()]
 
 
-def fit_run(bodies: bytes, count: int, room: int) -> tuple[bytes, int]:
+def fit_run(bodies: bytes, count: int, room: int, *, newest: bool = False) -> tuple[bytes, int]:
     """What of a run of ``count`` bodies fits a queue with ``room`` messages free: the
-    bodies and how many they are (``b"", 0`` when none fits or the run cannot be cut)."""
+    bodies and how many they are (``b"", 0`` when none fits or the run cannot be cut).
+    The first bodies of the run, or with ``newest`` the last ones."""
     if count <= room:
         return bodies, count
     if room <= 0:
         return b"", 0
     try:
+        if newest:
+            return bodies[len(split_run(bodies, count - room)) :], room
         return split_run(bodies, room), room
     except DecodeError:
         return b"", 0
@@ -512,6 +515,16 @@ def pack_envelope(
 ) -> bytes:
     """Pack one envelope; frames are concatenations of packed envelopes."""
     return envelope_head(kind, type, sender, corr, target, len(body)) + body
+
+
+def run_type(head: bytes) -> str:
+    """The message type named in a packed envelope head (or whole envelope)."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(head)
+    unpacker.read_array_header()
+    unpacker.skip()  # kind
+    typ = unpacker.unpack()
+    return typ if isinstance(typ, str) else ""
 
 
 #: builds an Envelope from the checked 6-tuple without re-reading its fields

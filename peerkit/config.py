@@ -297,6 +297,13 @@ class ConfiguredPeer(Peer):
             # the config server restarted: tell it who we are again
             self.create_task(self._reregister)
 
+    async def _reconnected(self) -> None:
+        """After a reconnection the config server may have forgotten this peer (the broker
+        told it the peer was lost): register again, and say it is ready if it is."""
+        await super()._reconnected()
+        if self._registered and not self._unregistered and not self._gating:
+            await self._reregister()
+
     async def _reregister(self) -> None:
         try:
             await self._register_once()

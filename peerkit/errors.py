@@ -12,6 +12,10 @@ class PeerkitError(Exception):
     """Base class of every error peerkit raises on purpose."""
 
 
+class HandlerSignatureError(PeerkitError, TypeError):
+    """A handler cannot be called the way peerkit calls it: with the message alone."""
+
+
 class InvalidStateTransition(PeerkitError, AssertionError):
     """A peer was asked to move between two states the lifecycle table does not connect.
 

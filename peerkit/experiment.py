@@ -14,6 +14,11 @@ An experiment file names the peers to run and how they depend on each other::
     class = "demo_peers:SyntheticAmplifier"   # module:Class
     essential = true              # default; false: a failure is reported, the rest go on
     mode = "process"              # default; or "inprocess" (a trio task in the launcher)
+    restart = "on-failure"        # default "never"; or "always" (a clean end too)
+    max_restarts = 3              # at most this many restarts...
+    restart_window = 60.0         # ...within this many seconds, else it has failed for good
+    restart_delay = 0.5           # back-off before the first restart, doubled each time...
+    max_restart_delay = 10.0      # ...up to this
     config_files = ["amp.toml"]   # relative to the experiment file
     [peers.amplifier.local_params]
     sampling_rate = 512
@@ -69,6 +74,7 @@ __all__ = [
     "Experiment",
     "ExperimentError",
     "PeerSpec",
+    "RestartPolicy",
     "import_class",
     "load_experiment",
     "parse_experiment",
@@ -85,18 +91,17 @@ RESERVED_IDS = frozenset({"broker", CONFIG_SERVER_ID, LAUNCHER_ID})
 _TOP_KEYS = ("broker", "launcher", "peers")
 _BROKER_KEYS = ("host", "port")
 _LAUNCHER_KEYS = ("ready_timeout", "grace_period")
-_PEER_KEYS = (
-    "class",
-    "essential",
-    "mode",
+_CONFIG_KEYS = (
     "config_files",
     "local_params",
     "external_params",
     "config_sources",
     "launch_dependencies",
 )
-_CONFIG_KEYS = _PEER_KEYS[3:]
+_RESTART_KEYS = ("restart", "max_restarts", "restart_window", "restart_delay", "max_restart_delay")
+_PEER_KEYS = ("class", "essential", "mode", *_RESTART_KEYS, *_CONFIG_KEYS)
 _MODES = ("process", "inprocess")
+_RESTARTS = ("never", "on-failure", "always")
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 DEFAULT_READY_TIMEOUT = 30.0
@@ -114,6 +119,41 @@ class ExperimentError(PeerkitError):
 
 
 @attrs.frozen(kw_only=True)
+class RestartPolicy:
+    """When the launcher restarts a peer that ended, and how fast (a peer's ``restart`` keys).
+
+    ``restart``: ``"never"`` (the default), ``"on-failure"`` (after a failure: a non-zero
+    exit, a signal, an exception, a panic) or ``"always"`` (after a clean end too; never
+    after the launcher itself stopped the peer). At most ``max_restarts`` restarts within
+    any ``restart_window`` seconds; one more failure and the peer has failed for good. The
+    ``n``-th restart of the window waits ``restart_delay * 2**(n-1)`` seconds, at most
+    ``max_restart_delay`` (:meth:`delay`), so a peer that keeps crashing slows down, and
+    one that ran quietly for a whole window starts again from ``restart_delay``.
+    """
+
+    restart: Literal["never", "on-failure", "always"] = "never"
+    max_restarts: int = 3
+    restart_window: float = 60.0
+    restart_delay: float = 0.5
+    max_restart_delay: float = 10.0
+
+    def applies(self, failed: bool) -> bool:
+        """Whether an end (a failure if ``failed``, else a clean end) calls for a restart."""
+        return self.restart == "always" or (self.restart == "on-failure" and failed)
+
+    def delay(self, n: int) -> float:
+        """The back-off before the ``n``-th restart within the window (``n`` from 1)."""
+        exponent = min(max(n - 1, 0), 64)  # 2**64 * any delay is past any cap
+        return min(self.restart_delay * 2.0**exponent, self.max_restart_delay)
+
+    def describe(self) -> str:
+        """``on-failure, at most 3 within 60 s`` (for messages)."""
+        if self.restart == "never":
+            return "never restarted"
+        return f"{self.restart}, at most {self.max_restarts} within {self.restart_window:g} s"
+
+
+@attrs.frozen(kw_only=True)
 class PeerSpec:
     """One peer of an experiment, validated."""
 
@@ -123,6 +163,8 @@ class PeerSpec:
     peer_class: type[Peer]
     essential: bool = True
     mode: Literal["process", "inprocess"] = "process"
+    #: what the launcher does when the peer ends
+    restart: RestartPolicy = RestartPolicy()
     #: absolute paths
     config_files: tuple[Path, ...] = ()
     local_params: Mapping[str, Any] = attrs.field(factory=dict)
@@ -304,6 +346,7 @@ def _parse_peer(
     mode = table.get("mode", "process")
     if mode not in _MODES:
         problems.append(f"{where}.mode must be {' or '.join(map(repr, _MODES))}, got {mode!r}")
+    restart = _restart_policy(table, where, problems)
 
     files_raw = table.get("config_files", [])
     if isinstance(files_raw, str):
@@ -354,6 +397,7 @@ def _parse_peer(
         peer_class=peer_class,
         essential=essential,
         mode=mode,
+        restart=restart,
         config_files=tuple(config_files),
         local_params=dict(local),
         external_params=dict(external),
@@ -362,6 +406,44 @@ def _parse_peer(
         dependencies=tuple(dict.fromkeys(d for d in dependencies if d != peer_id)),
         external_refs=dict(external_refs),
     )
+
+
+def _restart_policy(table: Mapping[str, Any], where: str, problems: list[str]) -> RestartPolicy:
+    """The peer's restart keys, checked; the defaults stand in for a bad value."""
+    default = RestartPolicy()
+    restart = table.get("restart", default.restart)
+    if restart not in _RESTARTS:
+        choices = ", ".join(f'"{r}"' for r in _RESTARTS)
+        hint = _suggest(restart, _RESTARTS) if isinstance(restart, str) else ""
+        problems.append(f"{where}.restart must be one of {choices}, got {restart!r}{hint}")
+        restart = "on-failure"  # so the other keys are still checked
+    given = [k for k in _RESTART_KEYS[1:] if k in table]
+    if restart == "never" and given:
+        for key in given:
+            problems.append(
+                f'{where}.{key} has no effect with restart = "never" (the default); add '
+                f'restart = "on-failure" or "always" to {where}, or remove {key}'
+            )
+        return default
+    max_restarts = table.get("max_restarts", default.max_restarts)
+    if not _is_int(max_restarts) or max_restarts < 0:
+        problems.append(
+            f"{where}.max_restarts must be a whole number, 0 or more, got {max_restarts!r}"
+        )
+        max_restarts = default.max_restarts
+    seconds: dict[str, float] = {}
+    for key in _RESTART_KEYS[2:]:
+        value = table.get(key, getattr(default, key))
+        if not is_positive_seconds(value):
+            problems.append(f"{where}.{key} must be a positive number of seconds, got {value!r}")
+            value = getattr(default, key)
+        seconds[key] = float(value)
+    if seconds["max_restart_delay"] < seconds["restart_delay"]:
+        problems.append(
+            f"{where}.max_restart_delay ({seconds['max_restart_delay']:g} s) must be at least "
+            f"restart_delay ({seconds['restart_delay']:g} s): it caps the back-off"
+        )
+    return RestartPolicy(restart=restart, max_restarts=max_restarts, **seconds)
 
 
 def _check_external_params(specs: Mapping[str, PeerSpec], problems: list[str]) -> None:

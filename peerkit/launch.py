@@ -15,11 +15,21 @@
    process, ``async_shutdown()`` for a task), then kills what is left; no child process
    outlives the launcher's ``run()``.
 
+The launcher follows the peers through the broker's state events (``PeerJoined``,
+``PeerStateChanged``, ``PeerLeft``), which its own peer subscribes to before any peer
+starts: a state change reaches the table, and every wait on one, as it happens. Only the
+message rates in the table are sampled (from the broker's counters, once a
+``status_interval``). A peer is ready when the state it reports counts as ready or running
+(a custom state by its base).
+
 A failure is a peer process that exits with a non-zero status or is killed (even with
 ``kill -9``), an in-process peer whose ``run()`` raises, or a ``PanickMsg`` on the broker
-(published by a dying peer, or by the broker for a peer whose connection was lost). An
-essential peer's failure stops the experiment with exit status 1; a non-essential one is
-reported and the rest go on.
+(published by a dying peer, or by the broker for a peer whose connection was lost). Each
+peer's :class:`~peerkit.experiment.RestartPolicy` says whether the launcher runs it again
+(after a back-off, as a new process or task with the same id and configuration, started
+again once it is ready). A failure the policy does not restart -- or one past its
+``max_restarts`` -- is final: an essential peer's stops the experiment with exit status 1;
+a non-essential one is reported and the rest go on.
 
 This module orchestrates; what is about one peer (its :class:`PeerRecord`, its command line
 and environment, the run directory's log files) lives in :mod:`peerkit._launch_peers`.
@@ -44,6 +54,7 @@ from ._checks import check_seconds
 from ._launch_peers import (
     LOG_FORMAT,
     RUN_DIR_ENV,
+    Outcome,
     PeerRecord,
     RunDirHandler,
     current_run_dir,
@@ -59,17 +70,16 @@ from .broker import Broker
 from .config import ConfigServer
 from .errors import PeerkitError, QueryAnswerUnknown
 from .experiment import CONFIG_SERVER_ID, LAUNCHER_ID, Experiment
-from .messages import PanickMsg, PeerControlMessage
+from .messages import PanickMsg, PeerControlMessage, PeerJoined, PeerLeft, PeerStateChanged
 from .peer import Peer
 
 __all__ = ["LOG_FORMAT", "RUN_DIR_ENV", "Launcher", "PeerRecord", "current_run_dir"]
 
 log = logging.getLogger("peerkit.launch")
 
-_LIVE_STATES = frozenset({"connected", "ready", "running", "shutting_down"})
-#: seconds between looks at the broker while peers come up, and once they run
-_FAST_POLL = 0.05
 _RATE_WINDOW = 1.0
+#: the error_type of the PanickMsg the broker publishes for a connection it lost
+_LOST = "PeerLost"
 _KILL_WAIT = 5.0
 
 
@@ -176,7 +186,7 @@ class Launcher:
 
     async def wait_until(self, predicate: Callable[[Launcher], bool], timeout: float) -> None:
         """Wait until ``predicate(launcher)`` holds; re-checked at every change of a peer
-        and every look at the broker (each ``status_interval``).
+        and every sample of the message rates (each ``status_interval``).
 
         Raises :class:`trio.TooSlowError` after ``timeout`` seconds.
         """
@@ -225,7 +235,14 @@ class Launcher:
                 ctl = Peer(broker.url, LAUNCHER_ID, token=self.token)
                 await nursery.start(ctl.run)
                 self._ctl = ctl
-                await ctl.subscribe_for_all_msg_subtype(PanickMsg, self._on_panick)
+                # before any peer starts, and lossless (they are few, and a missed failure
+                # or state would leave the launcher wrong): every event of every peer
+                lossless = "lossless"
+                every = ctl.subscribe_for_all_msg_subtype
+                await every(PanickMsg, self._on_panick, delivery=lossless)
+                await every(PeerJoined, self._on_joined, delivery=lossless)
+                await every(PeerStateChanged, self._on_state, delivery=lossless)
+                await every(PeerLeft, self._on_left, delivery=lossless)
                 nursery.start_soon(self._monitor)
                 async with trio.open_nursery() as children:
                     self._children = children
@@ -245,27 +262,18 @@ class Launcher:
         for rec in self.peers.values():
             if self._stop.is_set():
                 return
-            if rec.spec.mode == "inprocess" or self.inprocess:
-                await self._children.start(self._run_inprocess, rec)
-            else:
-                await self._children.start(self._run_process, rec)
+            await self._children.start(self._keep, rec)
         if not await self._wait_ready():
             return
         self._phase = "running"
-        assert self._ctl is not None
+        self._notify()  # from now on, the keeper of a restarted peer starts it
         for rec in self.peers.values():
             if self._stop.is_set():
                 return
-            if rec.has_exited or rec.failed:
-                continue
-            action = PeerControlMessage(peer_id=rec.peer_id, action="start")
-            try:
-                await self._ctl.ask_peer(rec.peer_id, action, timeout=self.grace_period)
-            except QueryAnswerUnknown as exc:
-                self._peer_failed(rec, f"could not be started: {exc}")
+            if rec.run == 1 and rec.live and rec.run_failure is None:
+                await self._ask_start(rec)
         if self._stop.is_set():
             return
-        self._poll()  # each peer reported "running" before it answered
         took = trio.current_time() - self._t0
         until = f" for {self.duration:g} s" if self.duration else "; stop with Ctrl-C"
         self._event(f"all peers started in {took:.1f} s, running{until}")
@@ -277,6 +285,16 @@ class Launcher:
         with trio.move_on_after(self.duration):
             await self._stop.wait()
         self.stop(f"the duration of {self.duration:g} s is over")
+
+    async def _ask_start(self, rec: PeerRecord) -> None:
+        assert self._ctl is not None
+        run = rec.run
+        action = PeerControlMessage(peer_id=rec.peer_id, action="start")
+        try:
+            await self._ctl.ask_peer(rec.peer_id, action, timeout=self.grace_period)
+        except QueryAnswerUnknown as exc:
+            if rec.run == run and rec.live:  # not: it ended meanwhile (its end says why)
+                self._run_failed(rec, f"could not be started: {exc}")
 
     async def _wait_ready(self) -> bool:
         def settled() -> bool:
@@ -301,6 +319,8 @@ class Launcher:
     def _why_not_ready(self, rec: PeerRecord) -> str:
         if rec.has_exited:
             return f"(exited): {rec.error or rec.state}"
+        if rec.state == "restarting":
+            return f"(restarting, {rec.restarts} restarts so far): {rec.error}"
         if rec.state in ("pending", "starting"):
             where = f"process {rec.pid}" if rec.pid else "the peer"
             last = tail(rec.log_path, 1)
@@ -315,6 +335,156 @@ class Launcher:
             reason = "not registered with the config server"
         return f"({rec.state})" + (f": {reason}" if reason else "")
 
+    # ------------------------------------------------------------------ one peer's runs
+    async def _keep(
+        self, rec: PeerRecord, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run ``rec``'s peer, again as often as its restart policy says, and settle how it
+        ended (``task_status``: once its first run has begun)."""
+        outcome = await self._run_once(rec, task_status)
+        while True:
+            if rec.failed:  # failed for good while it still ran (a panic, no restart left)
+                break
+            reason = rec.run_failure or (outcome.detail if outcome.failed else None)
+            if rec.stopping or self._stop.is_set() or outcome.kind == "killed":
+                self._settle(rec, outcome)
+                break
+            delay = rec.budget.next_delay(trio.current_time(), failed=reason is not None)
+            if delay is None:
+                self._settle(rec, Outcome("failed", reason) if reason else outcome)
+                break
+            rec.budget.note(trio.current_time())
+            rec.restarts = rec.budget.total
+            if reason is not None:
+                rec.error = reason
+                if rec.run_failure is None:  # not told yet
+                    self._event(f"{rec.peer_id}: FAILED: {reason}")
+            else:
+                self._event(f"{rec.peer_id}: finished ({outcome.detail})")
+            if not await self._backoff(rec, delay):
+                rec.state = "not restarted"
+                self._event(f"{rec.peer_id}: not restarted: the experiment is stopping")
+                break
+            async with trio.open_nursery() as helpers:
+                helpers.start_soon(self._start_when_ready, rec)
+                outcome = await self._run_once(rec, trio.TASK_STATUS_IGNORED)
+                helpers.cancel_scope.cancel(reason="the run is over")
+        self._exited(rec)
+
+    async def _run_once(self, rec: PeerRecord, task_status: trio.TaskStatus[None]) -> Outcome:
+        rec.begin_run()
+        self._notify()
+        try:
+            if rec.spec.mode == "inprocess" or self.inprocess:
+                outcome = await self._run_inprocess(rec, task_status)
+            else:
+                outcome = await self._run_process(rec, task_status)
+        finally:
+            rec.live = False
+            rec.base = ""
+            self._notify()
+        if rec.run_failure is not None and outcome.kind != "failed":
+            return Outcome("failed", rec.run_failure)
+        if (
+            outcome.kind == "finished"
+            and rec.spec.essential
+            and not rec.stopping
+            and not self.running.is_set()
+        ):
+            return Outcome("failed", f"ended before the experiment started ({outcome.detail})")
+        return outcome
+
+    async def _backoff(self, rec: PeerRecord, delay: float) -> bool:
+        """Wait ``delay`` seconds, then until the broker has let the last run go (its id is
+        taken until then). False if the experiment or the peer is stopped meanwhile."""
+        policy = rec.spec.restart
+        recent = rec.budget.recent(trio.current_time())
+        rec.state = "restarting"
+        self._event(
+            f"{rec.peer_id}: restarting in {delay:g} s (restart {recent} of at most "
+            f"{policy.max_restarts} within {policy.restart_window:g} s)"
+        )
+
+        def over() -> bool:
+            return rec.stopping or self._stop.is_set()
+
+        with trio.move_on_after(delay):
+            await self._wait(over)
+        broker = self._broker
+        if broker is not None and not over():
+            # PeerLeft wakes this up; a stale connection is bounded by the heartbeat timeout
+            with trio.move_on_after(self.grace_period + broker.heartbeat_timeout):
+                await self._wait(lambda: over() or rec.peer_id not in broker.peer_ids)
+        return not over()
+
+    async def _start_when_ready(self, rec: PeerRecord) -> None:
+        """A restarted peer rejoins the experiment: once the experiment runs (:meth:`_supervise`
+        starts the first runs) and the peer is ready, ask it to start."""
+        await self._wait(lambda: self._phase != "starting")
+        if self._phase != "running":
+            return
+        with trio.move_on_after(self.ready_timeout) as scope:
+            await self._wait(lambda: rec.is_ready or rec.stopping or self._stop.is_set())
+        if rec.stopping or self._stop.is_set():
+            return
+        if scope.cancelled_caught:
+            why = self._why_not_ready(rec)
+            self._run_failed(rec, f"not ready within {self.ready_timeout:g} s of its restart {why}")
+            return
+        await self._ask_start(rec)
+
+    def _run_failed(self, rec: PeerRecord, reason: str) -> None:
+        """The current run failed before it ended (it panicked, could not be started...).
+
+        Final unless the restart policy will run the peer again; then the run is ended
+        (killed if it does not end by itself within the grace period) and restarted.
+        """
+        if rec.failed or rec.run_failure is not None or not rec.live:
+            return
+        rec.run_failure = reason
+        if rec.budget.next_delay(trio.current_time(), failed=True) is None:
+            self._peer_failed(rec, self._final(rec, reason))
+            return
+        rec.state = "failed"
+        rec.base = ""
+        rec.error = reason
+        self._event(f"{rec.peer_id}: FAILED: {reason}")
+        self._notify()
+        assert self._children is not None
+        self._children.start_soon(self._end_run, rec, rec.run)
+
+    async def _end_run(self, rec: PeerRecord, run: int) -> None:
+        with trio.move_on_after(self.grace_period):
+            await self._wait(lambda: rec.run != run or not rec.live)
+        if rec.run == run and rec.live:
+            self._event(f"{rec.peer_id}: still running {self.grace_period:g} s after it failed")
+            self._kill_run(rec)
+
+    def _kill_run(self, rec: PeerRecord) -> None:
+        rec.killed = True
+        if rec.process is not None:
+            kill_process_group(rec.process.pid)
+        rec.scope.cancel(reason="killed by the launcher")
+
+    def _final(self, rec: PeerRecord, reason: str) -> str:
+        """``reason``, and why the peer is not restarted when its policy restarts failures."""
+        policy = rec.spec.restart
+        if not policy.applies(failed=True):
+            return reason
+        recent = rec.budget.recent(trio.current_time())
+        return (
+            f"{reason} (restarts used up: {recent} of at most {policy.max_restarts} "
+            f"within {policy.restart_window:g} s)"
+        )
+
+    def _settle(self, rec: PeerRecord, outcome: Outcome) -> None:
+        if outcome.kind == "failed":
+            self._peer_failed(rec, self._final(rec, outcome.detail))
+        elif outcome.kind == "killed":
+            self._peer_killed(rec, outcome.detail)
+        else:
+            self._peer_finished(rec, outcome.detail)
+
     # ------------------------------------------------------------------ children
     def _command(self, rec: PeerRecord) -> list[str]:
         assert self.broker_url is not None
@@ -326,10 +496,7 @@ class Launcher:
             kwargs["config_timeout"] = self.ready_timeout
         return kwargs
 
-    async def _run_process(
-        self, rec: PeerRecord, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        rec.state = "starting"
+    async def _run_process(self, rec: PeerRecord, task_status: trio.TaskStatus[None]) -> Outcome:
         try:
             with rec.log_path.open("ab") as logfile:
                 process = await trio.lowlevel.open_process(
@@ -342,13 +509,12 @@ class Launcher:
                 )
         except OSError as exc:
             task_status.started()
-            self._peer_failed(rec, f"could not start the process: {exc}")
-            self._exited(rec)
-            return
+            return Outcome("failed", f"could not start the process: {exc}")
         rec.process = process
         rec.pid = process.pid
         self._pgids.add(process.pid)
-        self._event(f"{rec.peer_id}: started process {process.pid}")
+        again = f" (restart {rec.restarts})" if rec.restarts else ""
+        self._event(f"{rec.peer_id}: started process {process.pid}{again}")
         task_status.started()
         code: int | None = None
         try:
@@ -365,29 +531,20 @@ class Launcher:
                     rec.returncode = process.returncode
                     self._peer_killed(rec, "killed: the launcher was cancelled")
                     self._exited(rec)
-        self._process_exited(rec, code)
-
-    def _process_exited(self, rec: PeerRecord, code: int) -> None:
         rec.returncode = code
         if code == 0 or (rec.stopping and code == -signal.SIGTERM):
-            self._peer_finished(rec, f"exit status {code}")
-        elif code < 0:
+            return Outcome("finished", f"exit status {code}")
+        if code < 0:
             name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
             if rec.killed:
-                self._peer_killed(rec, f"killed with {name}")
-            else:
-                self._peer_failed(rec, f"killed by {name}")
-        else:
-            last = tail(rec.log_path, 1)
-            self._peer_failed(rec, f"exited with status {code}" + (f": {last[0]}" if last else ""))
-        self._exited(rec)
+                return Outcome("killed", f"killed with {name}")
+            return Outcome("failed", f"killed by {name}")
+        last = tail(rec.log_path, 1)
+        return Outcome("failed", f"exited with status {code}" + (f": {last[0]}" if last else ""))
 
-    async def _run_inprocess(
-        self, rec: PeerRecord, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    async def _run_inprocess(self, rec: PeerRecord, task_status: trio.TaskStatus[None]) -> Outcome:
         assert self.broker_url is not None
         log_target.set(rec.peer_id)
-        rec.state = "starting"
         error: BaseException | None = None
         task_status.started()
         with rec.scope:
@@ -401,18 +558,17 @@ class Launcher:
                     **self._peer_kwargs(rec),
                 )
                 rec.peer = peer
-                self._event(f"{rec.peer_id}: started in this process")
+                again = f" (restart {rec.restarts})" if rec.restarts else ""
+                self._event(f"{rec.peer_id}: started in this process{again}")
                 await peer.run()
             except Exception as exc:
                 error = exc
         if rec.scope.cancelled_caught:
             rec.killed = True
-            self._peer_killed(rec, "cancelled")
-        elif error is not None:
-            self._peer_failed(rec, f"{type(error).__name__}: {error}")
-        else:
-            self._peer_finished(rec, "finished")
-        self._exited(rec)
+            return Outcome("killed", "cancelled")
+        if error is not None:
+            return Outcome("failed", f"{type(error).__name__}: {error}")
+        return Outcome("finished", "finished")
 
     # ------------------------------------------------------------------ stopping
     async def _stop_peers(self) -> None:
@@ -423,9 +579,14 @@ class Launcher:
 
     async def _stop_peer(self, rec: PeerRecord) -> None:
         rec.stopping = True
+        self._notify()  # a keeper about to restart the peer gives up
         if rec.state == "pending":  # never started
             rec.state = "not started"
             self._exited(rec)
+            return
+        if not rec.live:  # between two runs: its keeper settles it
+            with trio.move_on_after(_KILL_WAIT):
+                await rec.exited.wait()
             return
         if rec.process is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -441,10 +602,7 @@ class Launcher:
             self._event(f"{rec.peer_id}: still running after {grace:g} s, killing it")
             if rec.spec.essential:
                 self._fail(f"essential peer {rec.peer_id!r} did not stop within {grace:g} s")
-        rec.killed = True
-        if rec.process is not None:
-            kill_process_group(rec.process.pid)
-        rec.scope.cancel(reason="killed by the launcher")
+        self._kill_run(rec)
         with trio.move_on_after(_KILL_WAIT):
             await rec.exited.wait()
 
@@ -470,9 +628,6 @@ class Launcher:
     def _peer_finished(self, rec: PeerRecord, detail: str) -> None:
         if rec.failed:
             return
-        if not rec.stopping and not self.running.is_set() and rec.spec.essential:
-            self._peer_failed(rec, f"ended before the experiment started ({detail})")
-            return
         rec.state = "finished"
         self._event(f"{rec.peer_id}: finished ({detail})")
 
@@ -487,6 +642,7 @@ class Launcher:
             return
         rec.failed = True
         rec.state = "failed"
+        rec.base = ""
         rec.error = reason
         essential = "essential" if rec.spec.essential else "non-essential"
         self._event(f"{rec.peer_id}: FAILED ({essential}): {reason}")
@@ -508,6 +664,7 @@ class Launcher:
         log.error("%s", reason)
         self.stop(reason)
 
+    # ------------------------------------------------------------------ events
     def _on_panick(self, msg: PanickMsg) -> None:
         rec = self.peers.get(msg.sender)
         text = f"{msg.error_type}: {msg.message}" if msg.error_type else msg.message
@@ -515,52 +672,90 @@ class Launcher:
             if msg.sender not in (LAUNCHER_ID, CONFIG_SERVER_ID):
                 self._event(f"{msg.sender} (not part of the experiment) panicked: {text}")
             return
-        if rec.stopping or rec.killed:
+        if rec.stopping or rec.killed or not rec.live:
             rec.error = rec.error or text
             return
-        self._peer_failed(rec, f"panicked: {text}")
+        if msg.error_type == _LOST and self._children is not None:
+            # the broker lost the connection, not the peer its life: it may come back
+            rec.lost = True
+            rec.error = text
+            self._children.start_soon(self._await_return, rec, rec.run, text)
+            return
+        self._run_failed(rec, f"panicked: {text}")
+
+    async def _await_return(self, rec: PeerRecord, run: int, text: str) -> None:
+        """A peer whose connection the broker lost has ``ready_timeout`` seconds to reconnect
+        (peers do by default) or to end (its end says how it went); else its run failed."""
+        with trio.move_on_after(self.ready_timeout):
+            await self._wait(lambda: rec.run != run or not rec.live or not rec.lost)
+        if rec.run == run and rec.live and rec.lost and not rec.stopping:
+            wait = f"{self.ready_timeout:g} s"
+            self._run_failed(
+                rec, f"lost its connection and did not reconnect within {wait}: {text}"
+            )
+
+    def _on_joined(self, msg: PeerJoined) -> None:
+        rec = self.peers.get(msg.sender)
+        if rec is not None and rec.live and msg.resumed:
+            rec.lost = False
+            if not rec.stopping:
+                self._event(f"{rec.peer_id}: reconnected")
+        self._notify()
+
+    def _on_state(self, msg: PeerStateChanged) -> None:
+        rec = self.peers.get(msg.sender)
+        if rec is None or not rec.live or rec.failed or rec.run_failure is not None:
+            return  # not ours, or between runs: the run's end tells
+        rec.base = msg.base or msg.new
+        if msg.new != rec.state:
+            rec.state = msg.new
+            if not rec.stopping:
+                counts = f" (counts as {rec.base})" if rec.base != msg.new else ""
+                self._event(f"{rec.peer_id}: {msg.new}{counts}")
+        self._notify()
+
+    def _on_left(self, msg: PeerLeft) -> None:
+        rec = self.peers.get(msg.sender)
+        if rec is not None and rec.live and not rec.failed and rec.run_failure is None:
+            rec.base = ""
+            new = "left" if msg.clean else "disconnected"
+            if new != rec.state:
+                rec.state = new
+                if not rec.stopping:
+                    self._event(f"{rec.peer_id}: {new}" + ("" if msg.clean else f" ({msg.reason})"))
+        self._notify()  # also wakes a keeper waiting for the broker to let a run go
 
     # ------------------------------------------------------------------ monitoring
     async def _monitor(self) -> None:
+        """Samples the message rates and redraws the table each ``status_interval`` (the
+        states come with the broker's events)."""
         while True:
-            self._poll()
-            interval = _FAST_POLL if self._phase == "starting" else self.status_interval
-            await trio.sleep(interval)
+            self._sample_rates()
+            self._notify()  # waiters on rates re-check at every sample
+            self._render()
+            await trio.sleep(self.status_interval)
 
-    def _poll(self) -> None:
+    def _sample_rates(self) -> None:
         if self._broker is None:
             return
         now = trio.current_time()
         infos = {p.peer_id: p for p in self._broker.info().peers}
         for rec in self.peers.values():
             info = infos.get(rec.peer_id)
-            if info is not None:
-                rec.dropped = info.dropped
-                # the broker counts what it receives from the peer (the peer's output)
-                sample = (now, info.msgs_out, info.msgs_in)
-                if rec._sample is None:
-                    rec._sample = sample
-                elif now - rec._sample[0] >= _RATE_WINDOW:
-                    dt = now - rec._sample[0]
-                    rec.rate_in = (sample[1] - rec._sample[1]) / dt
-                    rec.rate_out = (sample[2] - rec._sample[2]) / dt
-                    rec._sample = sample
-            else:
+            if info is None:
                 rec.rate_in = rec.rate_out = 0.0
-            if rec.failed or rec.has_exited:
+                rec._sample = None
                 continue
-            if info is not None:
-                new = info.state or "connected"
-            elif rec.state in _LIVE_STATES:
-                new = "disconnected"
-            else:
-                new = rec.state
-            if new != rec.state:
-                rec.state = new
-                if not rec.stopping:
-                    self._event(f"{rec.peer_id}: {new}")
-        self._notify()  # waiters re-check at every look, changed or not
-        self._render()
+            rec.dropped = info.dropped
+            # the broker counts what it receives from the peer (the peer's output)
+            sample = (now, info.msgs_out, info.msgs_in)
+            if rec._sample is None:
+                rec._sample = sample
+            elif now - rec._sample[0] >= _RATE_WINDOW:
+                dt = now - rec._sample[0]
+                rec.rate_in = (sample[1] - rec._sample[1]) / dt
+                rec.rate_out = (sample[2] - rec._sample[2]) / dt
+                rec._sample = sample
 
     def _render(self) -> None:
         title = f"{self.experiment.name}: {self._phase}  broker {self.broker_url}"
@@ -578,6 +773,7 @@ class Launcher:
                 dropped=rec.dropped,
                 essential=rec.spec.essential,
                 last_error=rec.error,
+                restarts=rec.restarts,
             )
             for rec in self.peers.values()
         ]
@@ -623,14 +819,19 @@ class Launcher:
         width = max(len(pid) for pid in self.peers) if self.peers else 0
         for rec in self.peers.values():
             code = "" if rec.returncode is None else f" (exit {rec.returncode})"
+            again = f", restarted {_times(rec.restarts)}" if rec.restarts else ""
             error = f": {rec.error}" if rec.error and rec.state != "finished" else ""
-            out.write(f"  {rec.peer_id.ljust(width)}  {rec.state}{code}{error}\n")
+            out.write(f"  {rec.peer_id.ljust(width)}  {rec.state}{code}{again}{error}\n")
             for line in tail(rec.log_path, self.tail):
                 out.write(f"  {' ' * width}  | {line}\n")
         if self.failure is not None:
             out.write(f"FAILED: {self.failure}\n")
         out.write(f"exit status {self.exit_status}\n")
         out.flush()
+
+
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:

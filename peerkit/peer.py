@@ -6,7 +6,7 @@ import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import trio
 
@@ -22,6 +22,7 @@ from .errors import (
     DecodeError,
     NotConnectedException,
     PeerkitError,
+    QueryAnswerUnknown,
     ShuttingDownException,
 )
 from .messages import (
@@ -33,6 +34,7 @@ from .messages import (
     message_type_of,
 )
 from .protocol import (
+    DELIVERIES,
     PUB,
     SHARE_POLICIES,
     BrokerInfo,
@@ -45,22 +47,34 @@ from .states import PeerState, State, StateMachine, base_state
 __all__ = ["Peer", "query_handler", "subscribe"]
 
 M = TypeVar("M", bound=Message)
+R = TypeVar("R", bound=Message)
 F = TypeVar("F", bound=Callable[..., Any])
 # ------------------------------------------------------------------ decorators
 
 
-def subscribe(msg_type: type[Message], *, sender: str | None = None) -> Callable[[F], F]:
-    """Declare a method as a handler of ``msg_type`` (from ``sender``, or from everyone).
+def subscribe(
+    msg_type: type[Message], *, sender: str | None = None, delivery: str = "drop"
+) -> Callable[[F], F]:
+    """Declare a method as a handler of ``msg_type`` (from ``sender``, or from everyone),
+    delivered the ``delivery`` way (see :meth:`Peer.subscribe_for_all_msg_subtype`).
 
     The peer subscribes it once connected, before ``run()`` reports the peer started.
     """
     message_type_of(msg_type)  # fail early for an unregistered class
+    _check_delivery(delivery)
 
     def deco(fn: F) -> F:
-        fn.__dict__.setdefault("__peerkit_subscribe__", []).append((msg_type, sender))
+        fn.__dict__.setdefault("__peerkit_subscribe__", []).append((msg_type, sender, delivery))
         return fn
 
     return deco
+
+
+def _check_delivery(delivery: str) -> None:
+    if delivery not in DELIVERIES:
+        raise PeerkitError(
+            f"delivery must be one of {', '.join(repr(d) for d in DELIVERIES)}, not {delivery!r}"
+        )
 
 
 def query_handler(msg_type: type[Message], *, policy: str = "exclusive") -> Callable[[F], F]:
@@ -83,6 +97,11 @@ _YIELD_BYTES = 512 * 1024
 _YIELD_OVERHEAD = 512
 
 
+# A peer is made of parts it holds: its Link to the broker (peerkit/_link.py: the
+# trio-websocket connection, its reader, writer and heartbeat), its Subscriptions
+# (peerkit/_subscriptions.py: handlers, inbox, dispatcher) and its Queries
+# (peerkit/_queries.py: handlers and workers, questions asked). The peer itself keeps the
+# lifecycle and the nursery.
 class Peer(StateMachine, OwnNursery):
     """A peer: one trio nursery, a strict lifecycle and typed messaging through a broker.
 
@@ -98,24 +117,48 @@ class Peer(StateMachine, OwnNursery):
     (messages queued and not yet written), ``receive_queue_size`` (messages waiting for
     handlers; overflow drops and counts),
     ``max_concurrent_queries`` (async query handlers running at once; a plain-function
-    handler answers as its query arrives), ``is_essential``.
+    handler answers as its query arrives), ``reconnect`` and ``reconnect_timeout`` (below),
+    ``on_handler_error``, ``is_essential``.
 
-    A peer is made of parts it holds: its :class:`~peerkit._link.Link` to the broker (the
-    trio-websocket connection, its reader, writer and heartbeat), its
-    :class:`~peerkit._subscriptions.Subscriptions` (handlers, inbox, dispatcher) and its
-    :class:`~peerkit._queries.Queries` (handlers and workers, questions asked). The peer
-    itself keeps the lifecycle and the nursery.
+    A subscription handler that raises kills the peer by default
+    (``on_handler_error="raise"``): ``PanickMsg``, goodbye with the error, ``run()`` raises
+    it. Peers that must survive one bad message (a recorder) pass
+    ``on_handler_error="log"``: the error is counted in ``handler_errors`` and logged (at
+    most once a second, with the count of those not logged) and the next message is
+    handled. (A query handler's error never kills its peer: the asker gets it as a
+    :class:`RemoteError`.)
+
+    Reconnection: a peer that loses an established connection to its broker (the broker
+    vanished, the network dropped) does not die with it (``reconnect=True``, the default):
+    it reconnects with exponential back-off and jitter, under the same id (a secret from
+    the welcome lets it replace its own stale connection at the broker, and nobody else),
+    re-subscribes, re-registers its query handlers, reports its state and carries on in
+    the state it was in; then the ``_reconnected()`` hook runs. Meanwhile ``link_up`` is
+    False, queries waiting for an answer fail at once with :class:`BrokerLostError` (and
+    new ones too), and :meth:`send_message` keeps queueing (when the queue is full the
+    newest message is dropped and counted in ``unsent_dropped``). Past
+    ``reconnect_timeout`` seconds without success the peer fails with
+    :class:`BrokerLostError`. A clean broker shutdown (``BrokerShutdownMsg``) still shuts
+    the peer down. ``reconnect=False``: the first loss fails the peer.
+
     """
 
     #: Whether the experiment stops when this peer panics (reported in ``PanickMsg``).
     is_essential: bool = True
 
-    _declared_subs: tuple[tuple[str, type[Message], str | None], ...] = ()
+    _declared_subs: tuple[tuple[str, type[Message], str | None, str], ...] = ()
     _declared_queries: tuple[tuple[str, type[Message], str], ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        subs: list[tuple[str, type[Message], str | None]] = []
+        for name, value in vars(cls).items():
+            base = getattr(Peer, name, None) if "Peer" in globals() else None
+            if callable(base) and not name.startswith("__") and not callable(value):
+                raise PeerkitError(
+                    f"{cls.__name__}.{name} = {value!r} hides the method Peer.{name}; "
+                    "choose another name for the attribute"
+                )
+        subs: list[tuple[str, type[Message], str | None, str]] = []
         queries: list[tuple[str, type[Message], str]] = []
         seen: set[str] = set()
         for klass in cls.__mro__:
@@ -123,8 +166,8 @@ class Peer(StateMachine, OwnNursery):
                 if name in seen:
                     continue
                 seen.add(name)
-                for msg_type, sender in getattr(value, "__peerkit_subscribe__", ()):
-                    subs.append((name, msg_type, sender))
+                for msg_type, sender, delivery in getattr(value, "__peerkit_subscribe__", ()):
+                    subs.append((name, msg_type, sender, delivery))
                 q = getattr(value, "__peerkit_query__", None)
                 if q is not None:
                     queries.append((name, q[0], q[1]))
@@ -148,6 +191,9 @@ class Peer(StateMachine, OwnNursery):
         send_queue_size: int = 10_000,
         receive_queue_size: int = 10_000,
         max_concurrent_queries: int = 16,
+        reconnect: bool = True,
+        reconnect_timeout: float = 30.0,
+        on_handler_error: str = "raise",
         is_essential: bool | None = None,
     ) -> None:
         super().__init__()
@@ -166,6 +212,7 @@ class Peer(StateMachine, OwnNursery):
             ("query_timeout", query_timeout),
             ("send_timeout", send_timeout),
             ("grace_period", grace_period),
+            ("reconnect_timeout", reconnect_timeout),
         ):
             check_seconds(name, value)
         for name, ivalue in (
@@ -204,6 +251,7 @@ class Peer(StateMachine, OwnNursery):
         self._reported_started = False
         self._start_requested = False
         self._can_send = False  # connected and not shutting down: the send_message fast path
+        self._unsent_dropped = 0
         self._unyielded = 0  # bytes send_message queued since it last yielded
 
         # the parts
@@ -215,9 +263,24 @@ class Peer(StateMachine, OwnNursery):
             ssl_context=ssl_context,
             connect_timeout=self.connect_timeout,
             grace_period=self.grace_period,
+            reconnect=bool(reconnect),
+            reconnect_timeout=float(reconnect_timeout),
+            on_resume=self._resume,
         )
-        self._subs = Subscriptions(self._link, peer_id, receive_queue_size, self.request_timeout)
+        if on_handler_error not in ("raise", "log"):
+            raise PeerkitError(
+                f"on_handler_error must be 'raise' (a handler's error kills the peer) or "
+                f"'log' (counted, logged, the peer carries on), got {on_handler_error!r}"
+            )
+        self._subs = Subscriptions(
+            self._link,
+            peer_id,
+            receive_queue_size,
+            self.request_timeout,
+            log_handler_errors=on_handler_error == "log",
+        )
         self._link.frame_done = self._subs.report_drops
+        self._link.wait_room = self._subs.wait_room
         self._queries = Queries(
             self._link,
             peer_id,
@@ -252,9 +315,37 @@ class Peer(StateMachine, OwnNursery):
         return self._subs.decode_errors
 
     @property
+    def handler_errors(self) -> int:
+        """Exceptions subscription handlers raised (with ``on_handler_error="log"``)."""
+        return self._subs.handler_errors
+
+    @property
     def link_up(self) -> bool:
-        """Whether the connection to the broker is open (after the welcome)."""
+        """Whether the connection to the broker is open (after the welcome); False while a
+        lost connection is being re-established."""
         return self._link.up
+
+    @property
+    def reconnects(self) -> int:
+        """Completed reconnections (each after a lost connection: see ``reconnect``)."""
+        return self._link.reconnects
+
+    @property
+    def unsent_dropped(self) -> int:
+        """Messages :meth:`send_message` dropped because the connection was down and the
+        send queue full (while connected it waits for room instead)."""
+        return self._unsent_dropped
+
+    async def _resume(self) -> None:
+        """After a reconnection (in a task of the new connection): restore subscriptions,
+        query handlers and the state at the broker, then the ``_reconnected`` hook."""
+        await self._subs.resubscribe()
+        await self._queries.reregister()
+        if not self.is_finished:
+            state = self.state
+            report = PeerStateReport(state=str(state), base=str(base_state(state)))
+            self._link.push(control(Kind.STATE, report))
+        await self._reconnected()
 
     # ============================================================== helpers
     def _fail(self, exc: BaseException) -> None:
@@ -325,6 +416,10 @@ class Peer(StateMachine, OwnNursery):
 
     async def _stop(self) -> None:
         """Called by :meth:`stop` (running → ready) and when a running peer shuts down."""
+
+    async def _reconnected(self) -> None:
+        """Called after each reconnection (the peer lost its broker and found it again;
+        subscriptions, query handlers and the state are restored by then)."""
 
     async def _shutting_down(self) -> None:
         """Called once during shutdown, after the peer's tasks were cancelled and while the
@@ -604,8 +699,8 @@ class Peer(StateMachine, OwnNursery):
 
     async def _register_declared(self) -> None:
         await self._subs.add(PeerControlMessage, None, self._on_control)
-        for name, msg_type, sender in self._declared_subs:
-            await self._subs.add(msg_type, sender, getattr(self, name))
+        for name, msg_type, sender, delivery in self._declared_subs:
+            await self._subs.add(msg_type, sender, getattr(self, name), delivery)
         for name, msg_type, policy in self._declared_queries:
             await self.register_query_handler(msg_type, getattr(self, name), policy=policy)
 
@@ -679,6 +774,10 @@ class Peer(StateMachine, OwnNursery):
         link = self._link
         body = codec.encode_body(msg, link.max_message_size)
         if link.backlog >= self.send_queue_size:
+            if not link.up:  # reconnecting: nobody drains the queue, so the newest go
+                self._unsent_dropped += 1
+                await trio.lowlevel.checkpoint()
+                return
             try:
                 with trio.fail_after(self.send_timeout):
                     await link.wait_for_room(self.send_queue_size)
@@ -700,24 +799,37 @@ class Peer(StateMachine, OwnNursery):
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def subscribe_for_all_msg_subtype(
-        self, msg_type: type[M], handler: Callable[[M], Any]
+        self, msg_type: type[M], handler: Callable[[M], Any], *, delivery: str = "drop"
     ) -> None:
         """Call ``handler(msg)`` for every ``msg_type`` message, from every sender.
 
         Returns once the broker has the subscription. Handlers (sync or async) run one at a
         time, in arrival order; an exception escaping one shuts the peer down with it.
+
+        ``delivery`` says what happens when this peer cannot keep up: ``"drop"`` (the
+        default) drops the newest messages and counts them (``dropped_messages``,
+        ``MessagesDropped``); ``"latest"`` keeps the newest and drops the oldest (counted),
+        for live displays; ``"lossless"`` drops nothing: the broker slows the publishers
+        down instead (their ``send_message`` waits), and disconnects this peer if it takes
+        nothing for the broker's ``stall_timeout``. See "Failures and recovery".
         """
         self._require_connected("subscribing")
-        await self._subs.add(msg_type, None, handler)
+        await self._subs.add(msg_type, None, handler, delivery)
 
     async def subscribe_for_specific_msg_subtype(
-        self, msg_type: type[M], sender_id: str, handler: Callable[[M], Any]
+        self,
+        msg_type: type[M],
+        sender_id: str,
+        handler: Callable[[M], Any],
+        *,
+        delivery: str = "drop",
     ) -> None:
-        """Call ``handler(msg)`` for ``msg_type`` messages sent by ``sender_id`` only."""
+        """Call ``handler(msg)`` for ``msg_type`` messages sent by ``sender_id`` only
+        (``delivery`` as for :meth:`subscribe_for_all_msg_subtype`)."""
         if not isinstance(sender_id, str) or not sender_id:
             raise PeerkitError(f"sender_id must be a peer id, got {sender_id!r}")
         self._require_connected("subscribing")
-        await self._subs.add(msg_type, sender_id, handler)
+        await self._subs.add(msg_type, sender_id, handler, delivery)
 
     async def unsubscribe(
         self, msg_type: type[Message], handler: Handler | None = None, *, sender: str | None = None
@@ -730,7 +842,12 @@ class Peer(StateMachine, OwnNursery):
 
     @asynccontextmanager
     async def subscription(
-        self, msg_type: type[M], *, sender: str | None = None, buffer: int = 100
+        self,
+        msg_type: type[M],
+        *,
+        sender: str | None = None,
+        buffer: int = 100,
+        delivery: str = "drop",
     ) -> AsyncIterator[trio.MemoryReceiveChannel[M]]:
         """Pull form: ``async with peer.subscription(T) as stream: async for msg in stream``.
 
@@ -738,7 +855,7 @@ class Peer(StateMachine, OwnNursery):
         for the consumer (and the broker drops and reports beyond its own queue).
         """
         self._require_connected("subscribing")
-        async with self._subs.stream(msg_type, sender, buffer) as stream:
+        async with self._subs.stream(msg_type, sender, buffer, delivery) as stream:
             yield stream
 
     async def register_query_handler(
@@ -761,21 +878,59 @@ class Peer(StateMachine, OwnNursery):
         """Stop answering ``msg_type`` queries."""
         await self._queries.unregister(msg_type, tell_broker=not self.is_shutting_down)
 
-    async def query(self, msg: Message, timeout: float | None = None) -> Message:
+    @overload
+    async def query(self, msg: Message, timeout: float | None = None) -> Message: ...
+
+    @overload
+    async def query(self, msg: Message, timeout: float | None = None, *, reply: type[R]) -> R: ...
+
+    async def query(
+        self, msg: Message, timeout: float | None = None, *, reply: type[Message] | None = None
+    ) -> Message:
         """Ask whichever peer handles ``type(msg)`` and return its response.
+
+        With ``reply=ResponseType`` the response is checked to be one (else
+        :class:`QueryAnswerUnknown`), and a type checker knows the result's type.
 
         Raises :class:`NoHandlerError`, :class:`RemoteError`, :class:`HandlerGoneError`,
         :class:`MultiplePeersAvailable` or :class:`QueryTimeout` (all
         :class:`QueryAnswerUnknown`), or :class:`BrokerLostError` when the connection to the
         broker is lost meanwhile.
         """
-        return await self._ask("", msg, timeout)
+        return self._check_reply(await self._ask("", msg, timeout), reply)
 
-    async def ask_peer(self, peer_id: str, msg: Message, timeout: float | None = None) -> Message:
-        """Ask the named peer (it answers with its query handler for ``type(msg)``)."""
+    @overload
+    async def ask_peer(
+        self, peer_id: str, msg: Message, timeout: float | None = None
+    ) -> Message: ...
+
+    @overload
+    async def ask_peer(
+        self, peer_id: str, msg: Message, timeout: float | None = None, *, reply: type[R]
+    ) -> R: ...
+
+    async def ask_peer(
+        self,
+        peer_id: str,
+        msg: Message,
+        timeout: float | None = None,
+        *,
+        reply: type[Message] | None = None,
+    ) -> Message:
+        """Ask the named peer (it answers with its query handler for ``type(msg)``);
+        ``reply`` as for :meth:`query`."""
         if not isinstance(peer_id, str) or not peer_id:
             raise PeerkitError(f"peer_id must be a peer id, got {peer_id!r}")
-        return await self._ask(peer_id, msg, timeout)
+        return self._check_reply(await self._ask(peer_id, msg, timeout), reply)
+
+    @staticmethod
+    def _check_reply(answer: Message, reply: type[Message] | None) -> Message:
+        if reply is not None and not isinstance(answer, reply):
+            raise QueryAnswerUnknown(
+                f"{answer.sender!r} answered with {type(answer).__name__}, not the "
+                f"{reply.__name__} the caller expects (reply={reply.__name__})"
+            )
+        return answer
 
     async def _ask(self, target: str, msg: Message, timeout: float | None) -> Message:
         if not self.is_connected and not (self.is_shutting_down and self._link.up):

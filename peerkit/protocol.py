@@ -39,7 +39,7 @@ class Kind(enum.IntEnum):
     WELCOME = 2  #: broker → peer; body :class:`Welcome`
     REJECT = 3  #: broker → peer, then close; body :class:`Reject`
     PUB = 4  #: publish (peer → broker) / deliver (broker → peer); corr = messages in the run
-    SUB = 5  #: subscribe; type = message type, target = sender filter ("" = all); corr → ACK
+    SUB = 5  #: subscribe; type, target = sender ("" = all); body SubscribeOptions or none
     UNSUB = 6  #: unsubscribe; as SUB
     REG = 7  #: register query handler; body :class:`RegisterHandler`; corr → ACK
     UNREG = 8  #: unregister query handler for ``type``; corr → ACK
@@ -56,6 +56,7 @@ class Kind(enum.IntEnum):
     ERROR = 19  #: broker → peer: something the peer sent was refused; body :class:`RequestFailed`
     INFO = 20  #: introspection request to the broker (corr) → REPLY with :class:`BrokerInfo`
     STATE = 21  #: peer → broker: lifecycle state report; body :class:`PeerStateReport`
+    TIME = 22  #: clock request to the broker (corr) → REPLY with :class:`BrokerTime`
 
 
 KIND_VALUES = frozenset(int(k) for k in Kind)
@@ -69,6 +70,9 @@ class Hello(Message):
     peer_id: str
     protocol_version: int
     token: str = ""
+    #: from the welcome of the peer's previous connection, when it comes back after losing
+    #: it: the broker lets it replace that connection if the broker still holds it
+    resume_token: str = ""
 
 
 @message(type="peerkit.Welcome")
@@ -77,6 +81,8 @@ class Welcome(Message):
     heartbeat_interval: float
     heartbeat_timeout: float
     max_message_size: int
+    #: a secret the peer presents in its hello if it has to reconnect (see Hello)
+    resume_token: str = ""
 
 
 @message(type="peerkit.Reject")
@@ -86,6 +92,20 @@ class Reject(Message):
 
 
 SHARE_POLICIES = ("exclusive", "round_robin", "explicit")
+
+#: How a subscription is delivered when its subscriber is slower than the publishers:
+#: ``drop`` the newest (counted), keep the ``latest`` (the oldest dropped, counted), or
+#: ``lossless`` (the publishers are slowed down instead).
+DELIVERIES = ("drop", "latest", "lossless")
+#: the order in which a subscriber's several subscriptions to one stream win
+DELIVERY_RANK = {"drop": 0, "latest": 1, "lossless": 2}
+
+
+@message(type="peerkit.SubscribeOptions")
+class SubscribeOptions(Message):
+    """The body of a ``SUB`` envelope (none: the defaults)."""
+
+    delivery: str = "drop"
 
 
 @message(type="peerkit.RegisterHandler")
@@ -120,11 +140,20 @@ class PeerInfo(Message):
     msgs_out: int = 0  #: published messages the broker sent to this peer
     state: str = ""
     base: str = ""  #: the base state ``state`` counts as (a custom state's)
+    connected_at: float = 0.0  #: when the broker welcomed it (seconds since the epoch)
 
 
 @message(type="peerkit.BrokerInfo")
 class BrokerInfo(Message):
     peers: list[PeerInfo] = attrs.field(factory=list)
+
+
+@message(type="peerkit.BrokerTime")
+class BrokerTime(Message):
+    """The broker's clock (seconds since the epoch), for peers that measure their offset
+    to it (the JavaScript client does, NTP style)."""
+
+    time: float
 
 
 @message(type="peerkit.PeerStateReport")

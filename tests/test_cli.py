@@ -8,6 +8,7 @@ means exactly one line on stderr: no traceback, no exception group, no second co
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import importlib.metadata
 import json
@@ -28,9 +29,10 @@ from launchhelpers import write_experiment
 from launchpeers import Ticker
 
 import peerkit
-from peerkit import Broker, ConfigServer, Message, Peer, message
+from peerkit import Broker, ConfigServer, CustomState, Message, Peer, PeerState, message
+from peerkit._status import StatusEvent, event_line, event_record
 from peerkit.cli import _flags, build_parser, main
-from peerkit.messages import PeerControlMessage
+from peerkit.messages import PeerControlMessage, PeerJoined, PeerLeft, PeerStateChanged
 
 TESTS = Path(__file__).parent
 COMMANDS = ["broker", "run", "launch", "ctl", "peers", "completion"]
@@ -494,6 +496,185 @@ async def test_peers_counts_point_the_same_way_in_table_and_json(
             assert int(table[pid]["RECEIVED"]) == records[pid]["received"]
         await talker.async_shutdown()
         await listener.async_shutdown()
+
+
+# ---------------------------------------------------------------------------- peers --watch
+
+CALIBRATING = CustomState("calibrating", counts_as=PeerState.ready)
+
+
+class Calibrating(Peer):
+    """Calibrates (a custom state counting as ready) when started, then runs."""
+
+    _VALID_STATES_TRANSITIONS_ = {
+        **Peer._VALID_STATES_TRANSITIONS_,
+        PeerState.ready: (PeerState.running, PeerState.shutting_down, CALIBRATING),
+        CALIBRATING: (PeerState.ready, PeerState.running, PeerState.shutting_down),
+    }
+
+    async def _start(self) -> None:
+        self._state = CALIBRATING
+        await trio.lowlevel.checkpoint()
+        self._state = PeerState.ready
+
+
+async def start_watch(url: str, *args: str) -> tuple[trio.Process, bytearray, bytearray]:
+    """``peerkit peers --watch`` as a process, once it says it watches (stdout and stderr
+    buffers returned for :func:`read_line`)."""
+    process = await trio.lowlevel.open_process(
+        peerkit_cmd("peers", "--watch", "--broker", url, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
+    assert process.stderr is not None
+    err = bytearray()
+    until = f" for {args[args.index('--duration') + 1]} s" if "--duration" in args else ""
+    until = until or "; Ctrl-C to stop"
+    assert await read_line(process.stderr, err) == (
+        f"peerkit peers: watching the peers of {url}{until}"
+    )
+    return process, bytearray(), err
+
+
+async def lines_until_left(process: trio.Process, out: bytearray, peer_id: str) -> list[str]:
+    assert process.stdout is not None
+    lines: list[str] = []
+    while not lines or not re.search(rf"\b{peer_id}\b.*\bleft\b", lines[-1]):
+        lines.append(await read_line(process.stdout, out))
+    return lines
+
+
+async def test_peers_watch_prints_each_event_live_until_ctrl_c(broker: Broker) -> None:
+    with trio.fail_after(30):
+        process, out, _err = await start_watch(broker.url)
+        try:
+            async with Calibrating(broker.url, "amp") as amp:
+                await amp.wait_for_state(lambda p: p.is_running, 5)
+            lines = await lines_until_left(process, out, "amp")
+            process.send_signal(signal.SIGINT)
+            assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert all(re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3}  amp {13}  \S.*", ln) for ln in lines), lines
+    assert [line[32:] for line in lines] == [
+        "joined",
+        "initializing -> connected",
+        "connected -> ready",
+        "ready -> calibrating (counts as ready)",
+        "calibrating -> ready",
+        "ready -> running",
+        "running -> shutting_down",
+        "left (clean)",
+    ]
+
+
+async def test_peers_watch_json_lines_for_a_duration(broker: Broker) -> None:
+    with trio.fail_after(30):
+        process, out, err = await start_watch(broker.url, "--json", "--duration", "4")
+        try:
+            async with Peer(broker.url, "b"):
+                pass
+            lines = await lines_until_left(process, out, "b")
+            assert await process.wait() == 0  # by itself, at the end of the duration
+            assert process.stdout is not None and process.stderr is not None
+            assert await process.stdout.receive_some() == b""
+            assert err + await process.stderr.receive_some() == b""
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    records = [json.loads(line) for line in lines]
+    assert all(r.pop("peer_id") == "b" and r.pop("time") for r in records)
+    assert records[0] == {"event": "joined", "resumed": False}
+    assert records[1] == {"event": "state", "old": "initializing", "new": "connected",
+                          "base": "connected"}  # fmt: skip
+    assert records[-1] == {"event": "left", "clean": True, "reason": "goodbye"}
+
+
+async def test_peers_watch_ends_when_the_broker_shuts_down() -> None:
+    with trio.fail_after(30):
+        async with Broker() as broker:
+            url = broker.url
+            process, _out, err = await start_watch(url)
+        try:
+            assert await process.wait() == 0
+            assert process.stderr is not None
+            rest = err + await process.stderr.receive_some()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert rest.decode() == (f"peerkit peers: the broker at {url} shut down; the watch is over\n")
+
+
+async def test_peers_watch_rides_out_a_broker_restart(nursery: trio.Nursery) -> None:
+    """The watch's peer reconnects (as every peer does by default) and says that the events
+    of the time without the broker are missing."""
+
+    async def serve(
+        broker: Broker, scope: trio.CancelScope, task_status: trio.TaskStatus[None]
+    ) -> None:
+        with scope:
+            await broker.run(task_status=task_status)
+
+    with trio.fail_after(30):
+        first, vanish = Broker(), trio.CancelScope()
+        await nursery.start(serve, first, vanish)
+        url = first.url
+        process, out, err = await start_watch(url)
+        try:
+            vanish.cancel()  # no shutdown notice: the connections just drop
+            second = Broker(port=first.port)
+            await nursery.start(serve, second, trio.CancelScope())
+            assert process.stderr is not None
+            assert await read_line(process.stderr, err) == (
+                f"peerkit peers: reconnected to the broker at {url}; events while the "
+                "connection was down are missing ('peerkit peers' lists the peers now)"
+            )
+            async with Peer(url, "late"):
+                pass
+            lines = await lines_until_left(process, out, "late")
+            assert lines[0].endswith("late              joined")
+            process.send_signal(signal.SIGINT)
+            assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        await second.shutdown()
+
+
+def test_peers_duration_needs_watch(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["peers", "--duration", "5"]) == 2
+    assert capsys.readouterr().err == (
+        "peerkit peers: --duration goes with --watch; add --watch to watch the peers live\n"
+    )
+
+
+def test_watch_lines_and_records() -> None:
+    when = datetime.datetime(2026, 1, 2, 12, 0, 1, 234567, tzinfo=datetime.UTC)
+    events: list[StatusEvent] = [
+        PeerJoined(peer_id="amp", resumed=True, sender="amp"),
+        PeerStateChanged(peer_id="amp", old="ready", new="running", base="running", sender="amp"),
+        PeerLeft(reason="goodbye (RuntimeError: boom)", clean=True, sender="amp"),
+        PeerLeft(reason="connection lost without goodbye", clean=False, sender="a-long-peer-id-x"),
+    ]
+    assert [event_line(e, when) for e in events] == [
+        "12:00:01.234  amp               joined (resumed)",
+        "12:00:01.234  amp               ready -> running",
+        "12:00:01.234  amp               left (clean: goodbye (RuntimeError: boom))",
+        "12:00:01.234  a-long-peer-id-x  left (connection lost without goodbye)",
+    ]
+    assert event_record(events[3], when) == {
+        "time": "2026-01-02T12:00:01.234567+00:00",
+        "peer_id": "a-long-peer-id-x",
+        "event": "left",
+        "clean": False,
+        "reason": "connection lost without goodbye",
+    }
 
 
 # ---------------------------------------------------------------------------- broker, run

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from launchhelpers import write_experiment
 
-from peerkit.experiment import ExperimentError, load_experiment, start_order
+from peerkit.experiment import ExperimentError, RestartPolicy, load_experiment, start_order
 
 GOOD = """
     [broker]
@@ -259,3 +259,88 @@ def test_start_order_is_stable_and_finds_cycles() -> None:
     assert start_order({"c": ["a"], "b": ["c"], "a": []}) == ["a", "c", "b"]
     with pytest.raises(ValueError, match="x -> y -> x"):
         start_order({"x": ["y"], "y": ["x"]})
+
+
+def test_restart_keys(tmp_path: Path) -> None:
+    exp = load_experiment(
+        write_experiment(
+            tmp_path,
+            """
+            [peers.a]
+            class = "launchpeers:Sleeper"
+            restart = "on-failure"
+            max_restarts = 5
+            restart_window = 30
+            restart_delay = 0.25
+            max_restart_delay = 4
+            [peers.b]
+            class = "launchpeers:Sleeper"
+            restart = "always"
+            [peers.c]
+            class = "launchpeers:Sleeper"
+            """,
+        )
+    )
+    a, b, c = (exp.peers[p].restart for p in "abc")
+    assert a == RestartPolicy(
+        restart="on-failure",
+        max_restarts=5,
+        restart_window=30.0,
+        restart_delay=0.25,
+        max_restart_delay=4.0,
+    )
+    assert b == RestartPolicy(restart="always")  # the defaults
+    assert (b.max_restarts, b.restart_window, b.restart_delay, b.max_restart_delay) == (
+        3,
+        60.0,
+        0.5,
+        10.0,
+    )
+    assert c == RestartPolicy() and c.restart == "never"
+
+
+def test_bad_restart_keys_are_named(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        """
+        [peers.a]
+        class = "launchpeers:Sleeper"
+        restart = "on_failure"
+        [peers.b]
+        class = "launchpeers:Sleeper"
+        restart = "always"
+        max_restarts = -1
+        restart_window = 0
+        restart_delay = "1s"
+        [peers.c]
+        class = "launchpeers:Sleeper"
+        restart = "on-failure"
+        max_restarts = 2.5
+        restart_delay = 2
+        max_restart_delay = 1
+        [peers.d]
+        class = "launchpeers:Sleeper"
+        max_restarts = 3
+        [peers.e]
+        class = "launchpeers:Sleeper"
+        restart = true
+        restart_windw = 10
+        """,
+    )
+    assert found == [
+        'peers.a.restart must be one of "never", "on-failure", "always", got '
+        "'on_failure'; did you mean 'on-failure'?",
+        "peers.b.max_restarts must be a whole number, 0 or more, got -1",
+        "peers.b.restart_window must be a positive number of seconds, got 0",
+        "peers.b.restart_delay must be a positive number of seconds, got '1s'",
+        "peers.c.max_restarts must be a whole number, 0 or more, got 2.5",
+        "peers.c.max_restart_delay (1 s) must be at least restart_delay (2 s): it caps the "
+        "back-off",
+        'peers.d.max_restarts has no effect with restart = "never" (the default); add '
+        'restart = "on-failure" or "always" to peers.d, or remove max_restarts',
+        "unknown key peers.e.restart_windw; did you mean 'restart_window'? (allowed here: "
+        "class, essential, mode, restart, max_restarts, restart_window, restart_delay, "
+        "max_restart_delay, config_files, local_params, external_params, config_sources, "
+        "launch_dependencies)",
+        'peers.e.restart must be one of "never", "on-failure", "always", got True',
+    ]

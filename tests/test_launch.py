@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -9,19 +10,26 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
-from launchhelpers import alive, write_experiment
+import trio.testing
+from launchhelpers import alive, launched, write_experiment
 from launchpeers import Sleeper, Tick
 
-from peerkit import Peer
+import peerkit.launch
+from peerkit import Broker, Peer
 from peerkit._status import LogView, PeerRow, TerminalView, format_table
 from peerkit.experiment import load_experiment
-from peerkit.launch import Launcher, PeerRecord, current_run_dir
+from peerkit.launch import Launcher, current_run_dir
+from peerkit.messages import (
+    PanickMsg,
+    PeerControlMessage,
+    PeerJoined,
+    PeerLeft,
+    PeerStateChanged,
+)
 
 TICK = """
     [peers.ticker]
@@ -36,66 +44,6 @@ TICK = """
     [peers.counter.launch_dependencies]
     src = "ticker"
 """
-
-
-class Run:
-    """A launcher running in a background task."""
-
-    def __init__(self, launcher: Launcher) -> None:
-        self.launcher = launcher
-        self.status: int | None = None
-        self.done = trio.Event()
-        self.output = launcher.out
-
-    @property
-    def peers(self) -> dict[str, PeerRecord]:
-        return self.launcher.peers
-
-    def text(self) -> str:
-        assert isinstance(self.output, io.StringIO)
-        return self.output.getvalue()
-
-    async def _run(self) -> None:
-        self.status = await self.launcher.run()
-        self.done.set()
-
-    async def wait(self, predicate: Callable[[Launcher], bool], timeout: float = 15) -> None:
-        await self.launcher.wait_until(predicate, timeout)
-
-    async def result(self, timeout: float = 15) -> int:
-        with trio.fail_after(timeout):
-            await self.done.wait()
-        assert self.status is not None
-        return self.status
-
-    def pids(self) -> list[int]:
-        return [rec.pid for rec in self.launcher.peers.values() if rec.pid is not None]
-
-
-@asynccontextmanager
-async def launched(tmp_path: Path, text: str, **options: object) -> AsyncIterator[Run]:
-    exp = load_experiment(write_experiment(tmp_path, text))
-    options.setdefault("ready_timeout", 15.0)
-    options.setdefault("grace_period", 5.0)
-    options.setdefault("status_interval", 0.1)
-    launcher = Launcher(
-        exp,
-        run_dir=tmp_path / "run",
-        out=io.StringIO(),
-        view="log",
-        **options,  # type: ignore[arg-type]
-    )
-    run = Run(launcher)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run._run)
-        try:
-            yield run
-        finally:
-            launcher.stop("the test is over")
-            with trio.move_on_after(20):
-                await run.done.wait()
-    for pid in run.pids():
-        assert not alive(pid), f"process {pid} was left behind"
 
 
 @pytest.mark.parametrize("inprocess", [True, False], ids=["inprocess", "subprocess"])
@@ -123,6 +71,38 @@ async def test_launch_runs_peers_and_stops_cleanly(tmp_path: Path, inprocess: bo
         assert all(r.state == "finished" for r in run.peers.values())
         logs = {p.name for p in (tmp_path / "run").iterdir()}
         assert {"launcher.log", "ticker.log", "counter.log"} <= logs
+
+
+async def test_the_launcher_follows_state_events_and_counts_custom_states_by_base(
+    tmp_path: Path,
+) -> None:
+    """No look at the broker between two samples of the rates (an hour apart here): every
+    state reaches the launcher as the broker's event. ``warming_up`` counts as ready."""
+    text = """
+        [peers.warm]
+        class = "launchpeers:WarmingUp"
+        [peers.sleeper]
+        class = "launchpeers:Sleeper"
+    """
+    with trio.fail_after(30):
+        async with launched(tmp_path, text, inprocess=True, status_interval=3600) as run:
+            await run.launcher.running.wait()  # ready by its base: started
+            warm = run.peers["warm"]
+            await run.wait(lambda lr: warm.state == "running")
+            assert run.launcher.broker_url is not None
+            async with Peer(run.launcher.broker_url, "tester") as tester:
+                action = PeerControlMessage(peer_id="warm", action="warm_up")
+                await tester.ask_peer("warm", action, timeout=5)
+                await run.wait(lambda lr: warm.state == "warming_up")
+                assert warm.base == "ready" and warm.is_ready
+                await tester.ask_peer("warm", PeerControlMessage(peer_id="warm", action="start"))
+                await run.wait(lambda lr: warm.state == "running")
+            run.launcher.stop()
+            assert await run.result() == 0
+        text = run.text()
+        assert "warm: warming_up (counts as ready)" in text
+        assert text.index("warm: warming_up (counts as ready)") < text.index("all peers ready")
+        assert "warm: ready\n" in text  # on its way back to warming_up: every state is told
 
 
 async def test_duration_ends_the_run(tmp_path: Path) -> None:
@@ -215,6 +195,81 @@ async def test_kill_9_of_a_peer_process(tmp_path: Path, essential: bool) -> None
                 assert await run.result() == 0
             pids = run.pids()
         assert not any(alive(pid) for pid in pids)
+
+
+async def test_a_frozen_peer_dropped_by_the_broker_fails_after_ready_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker drops a frozen peer (a PanickMsg for its lost connection): the launcher
+    shows it disconnected and gives it ready_timeout to reconnect or end; then it failed."""
+    quick = functools.partial(Broker, heartbeat_interval=0.2, heartbeat_timeout=1.0)
+    monkeypatch.setattr(peerkit.launch, "Broker", quick)
+    text = """
+        [peers.frozen]
+        class = "launchpeers:Sleeper"
+        essential = false
+        [peers.witness]
+        class = "launchpeers:Sleeper"
+    """
+    with trio.fail_after(40):
+        async with launched(tmp_path, text, ready_timeout=2.0) as run:
+            await run.launcher.running.wait()
+            frozen = run.peers["frozen"]
+            assert frozen.pid is not None
+            os.kill(frozen.pid, signal.SIGSTOP)
+            try:
+                await run.wait(lambda lr: frozen.lost, 10)
+                assert frozen.state == "disconnected" and not frozen.failed
+                await run.wait(lambda lr: frozen.failed, 10)
+            finally:
+                os.kill(frozen.pid, signal.SIGCONT)
+            assert "did not reconnect within 2 s: PeerLost: peer 'frozen' " in frozen.error
+            assert run.peers["witness"].state == "running"
+            run.launcher.stop()
+            assert await run.result() == 0
+
+
+async def test_a_peer_that_reconnects_is_not_a_failure(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """What the broker publishes when a peer's connection drops and the peer resumes
+    (PanickMsg of error type PeerLost, PeerLeft, then PeerJoined(resumed=True)), handed to
+    the launcher as its peer receives them."""
+    text = '[peers.amp]\nclass = "launchpeers:Sleeper"\n'
+    with trio.fail_after(60):
+        async with launched(tmp_path, text, inprocess=True) as run:
+            await run.launcher.running.wait()
+            amp, launcher = run.peers["amp"], run.launcher
+            launcher._on_panick(
+                PanickMsg(
+                    message="peer 'amp' connection lost without goodbye",
+                    error_type="PeerLost",
+                    sender="amp",
+                )
+            )
+            launcher._on_left(
+                PeerLeft(
+                    reason="connection lost without goodbye",
+                    clean=False,
+                    peer_id="amp",
+                    sender="amp",
+                )
+            )
+            assert amp.lost and amp.state == "disconnected" and not amp.is_ready
+            await trio.sleep(5)  # less than ready_timeout (15 s here)
+            launcher._on_joined(PeerJoined(peer_id="amp", resumed=True, sender="amp"))
+            launcher._on_state(
+                PeerStateChanged(
+                    peer_id="amp", old="initializing", new="running", base="running", sender="amp"
+                )
+            )
+            await trio.sleep(30)  # past ready_timeout: it came back, nothing happens
+            assert amp.state == "running" and not amp.failed and not amp.lost
+            assert not run.done.is_set()
+            run.launcher.stop()
+            assert await run.result() == 0
+        assert "amp: disconnected (connection lost without goodbye)" in run.text()
+        assert "amp: reconnected" in run.text()
 
 
 async def test_ready_timeout_names_the_peers_and_why(tmp_path: Path) -> None:
@@ -376,6 +431,7 @@ async def test_the_status_shows_state_rates_and_last_error(tmp_path: Path) -> No
                 "IN/s",
                 "OUT/s",
                 "DROPPED",
+                "RESTARTS",
                 "LAST",
                 "ERROR",
             ]
@@ -399,7 +455,7 @@ def test_terminal_view_redraws_in_place_and_log_view_prints_lines() -> None:
     assert text.count("\x1b[5F\x1b[J") == 2
     assert "[    1.5s] rec: FAILED\n" in text
     amp = next(line for line in text.splitlines() if line.startswith("amp "))
-    assert amp.split() == ["amp", "12", "running", "1.0", "16", "0"]
+    assert amp.split() == ["amp", "12", "running", "1.0", "16", "0", "0"]
     assert "rec (n/e)" in text and "OSError: disk full" in text
 
     out = io.StringIO()

@@ -67,11 +67,14 @@ async def test_a_peers_whole_life_in_order(broker: Broker) -> None:
 async def test_events_of_one_peer_with_a_sender_filter(broker: Broker) -> None:
     """They are ordinary messages: subscribing for one sender's gets that peer's only."""
     with trio.fail_after(10):
-        async with Peer(broker.url, "watcher") as watcher:
-            async with watcher.subscription(PeerStateChanged, sender="b") as stream:
-                async with Peer(broker.url, "a"), Peer(broker.url, "b"):
-                    first = await stream.receive()
-                    assert (first.sender, first.new) == ("b", "connected")
+        async with (
+            Peer(broker.url, "watcher") as watcher,
+            watcher.subscription(PeerStateChanged, sender="b") as stream,
+            Peer(broker.url, "a"),
+            Peer(broker.url, "b"),
+        ):
+            first = await stream.receive()
+            assert (first.sender, first.new) == ("b", "connected")
 
 
 async def test_broker_info_shows_the_state_and_its_base(broker: Broker) -> None:

@@ -381,3 +381,53 @@ async def test_a_server_that_never_answers_the_hello_fails_the_start_in_time(
                 await peer.run()
             assert trio.current_time() - start < 4
             nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------ browsers
+
+
+async def test_the_broker_negotiates_the_json_subprotocol_and_answers_time(
+    broker: Broker,
+) -> None:
+    from peerkit import jsonwire
+
+    with trio.fail_after(10):
+        async with trio_websocket.open_websocket_url(
+            broker.url, subprotocols=[jsonwire.SUBPROTOCOL]
+        ) as ws:
+            assert ws.subprotocol == jsonwire.SUBPROTOCOL
+            hello = Hello(peer_id="browser", protocol_version=PROTOCOL_VERSION)
+            await ws.send_message(jsonwire.frame_to_json(control(Kind.HELLO, hello)))
+            welcome = await ws.get_message()
+            assert isinstance(welcome, str) and "WELCOME" in welcome
+            await ws.send_message('{"kind": "TIME", "corr": 7}')
+            while True:
+                answer = await ws.get_message()
+                assert isinstance(answer, str)
+                if "peerkit.BrokerTime" in answer:
+                    break
+            assert '"corr": 7' in answer or '"corr":7' in answer
+            assert "browser" in broker.peer_ids
+
+
+async def test_a_json_connection_from_another_sites_page_is_refused_without_a_token(
+    broker: Broker,
+) -> None:
+    from peerkit import jsonwire
+
+    with trio.fail_after(10):
+        with pytest.raises(trio_websocket.ConnectionRejected) as info:
+            async with trio_websocket.open_websocket_url(
+                broker.url,
+                subprotocols=[jsonwire.SUBPROTOCOL],
+                extra_headers=[(b"Origin", b"https://evil.example")],
+            ):
+                pass  # pragma: no cover
+        assert info.value.status_code == 403
+        # a page served from this machine is welcome
+        async with trio_websocket.open_websocket_url(
+            broker.url,
+            subprotocols=[jsonwire.SUBPROTOCOL],
+            extra_headers=[(b"Origin", b"http://127.0.0.1:8000")],
+        ) as ws:
+            assert ws.subprotocol == jsonwire.SUBPROTOCOL
