@@ -92,6 +92,8 @@ class Subscriptions:
     _room: trio.Event | None = None  # set by the dispatcher when the inbox has room again
     #: undecodable runs are logged at most once an interval per (type, sender)
     _bad_log: RateLog = attrs.field(factory=lambda: RateLog(DEFAULT_INTERVAL, trio.current_time))
+    #: losses are logged at most once an interval
+    _lost_log: RateLog = attrs.field(factory=lambda: RateLog(DEFAULT_INTERVAL, trio.current_time))
 
     # ------------------------------------------------------------------ arrivals
     def deliver(self, env: Envelope) -> None:
@@ -181,13 +183,18 @@ class Subscriptions:
         return self._inbox_count > self.receive_queue_size
 
     def _warn_lost(self, count: int) -> None:
+        """Log a loss: at most once an interval, with what was held back since."""
+        report = self._lost_log.hit("lost", count)
+        if report is None:
+            return
         log.warning(
             "peer %r lost %d messages: they came faster than it took them in (its queue at "
             "the broker or its own receive queue was full; total %d, see "
-            "peer.dropped_messages)",
+            "peer.dropped_messages)%s",
             self.peer_id,
             count,
             self.dropped_messages,
+            report.more(),
         )
 
     def close(self) -> None:
@@ -197,6 +204,15 @@ class Subscriptions:
         self._inbox.clear()
         self._inbox_count = self._run_left = 0
         self.report_drops()  # what was dropped before, with its own explanation
+        for report in self._lost_log.drain():
+            log.warning(
+                "peer %r lost %d more messages since the last report, %.0f s ago (total %d, "
+                "see peer.dropped_messages)",
+                self.peer_id,
+                report.held,
+                report.since,
+                self.dropped_messages,
+            )
         for report in self._bad_log.drain():
             msg_type, sender = report.key if type(report.key) is tuple else ("?", "?")
             log.error(

@@ -23,6 +23,7 @@ from peerkit._ratelog import OTHERS, RateLog, Report
 from peerkit.codec import control, iter_envelopes, pack_envelope
 from peerkit.messages import BrokerShutdownMsg
 from peerkit.protocol import Kind, Welcome
+from peerkit.testing import wait_for_condition
 
 
 class Clock:
@@ -281,3 +282,39 @@ async def test_bad_frames_from_the_broker_are_one_error_line(
         assert len(lines) == 1, lines
         assert "bad frame from the broker" in lines[0]
         nursery.cancel_scope.cancel()
+
+
+async def test_losses_frame_after_frame_are_one_warning_line(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A subscriber that cannot keep up loses messages in frame after frame: one WARNING
+    line (and one at shutdown for the rest), and dropped_messages is exact."""
+    caplog.set_level(logging.WARNING, logger="peerkit")
+    with trio.fail_after(20):
+        gate = trio.Event()
+        handled: list[int] = []
+
+        async def slow(msg: Tick) -> None:
+            await gate.wait()
+            handled.append(msg.seq)
+
+        async with (
+            Peer(broker.url, "sub", receive_queue_size=1) as sub,
+            Peer(broker.url, "pub") as pub,
+        ):
+            await sub.subscribe_for_all_msg_subtype(Tick, slow)
+            for seq in range(20):  # one frame each: the subscriber reads each before the next
+                await pub.send_message(Tick(seq=seq))
+                await wait_for_condition(lambda n=seq: sub._subs.msgs_in > n)
+            # the first is in the handler, the second queued, the 18 others lost
+            assert sub.dropped_messages == 18
+            lines = [r.getMessage() for r in caplog.records if " lost " in r.getMessage()]
+            assert len(lines) == 1, lines
+            assert "peer 'sub' lost 1 messages" in lines[0]
+            gate.set()
+            await wait_for_condition(lambda: len(handled) == 2)
+        assert handled == [0, 1]
+        lines = [r.getMessage() for r in caplog.records if " lost " in r.getMessage()]
+        assert len(lines) == 2, lines
+        assert "peer 'sub' lost 17 more messages since the last report" in lines[1]
+        assert "total 18" in lines[1]

@@ -138,10 +138,10 @@ async def test_the_campaign_sees_a_hang(monkeypatch: pytest.MonkeyPatch) -> None
     """A broker broken on purpose: it never answers an attacker's hello."""
     accept = Broker._accept_hello
 
-    async def stuck(self: Broker, ws: Any, frame: bytes | str) -> Any:
+    async def stuck(self: Broker, ws: Any, frame: bytes | str, *args: Any) -> Any:
         if isinstance(frame, bytes) and re.search(rb"fz-[0-9]", frame):
             await trio.sleep_forever()
-        return await accept(self, ws, frame)
+        return await accept(self, ws, frame, *args)
 
     monkeypatch.setattr(Broker, "_accept_hello", stuck)
     with trio.fail_after(30):
