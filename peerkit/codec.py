@@ -177,12 +177,24 @@ def _make_converter(detailed: bool = True) -> cattrs.Converter:
     )
     # A message nested in a field of another never has a sender: only the envelope's, which
     # the broker stamps, is trusted, and it belongs to the outer message. A "sender" key in a
-    # nested body (no encoder writes one) is dropped. The outer message is built by
-    # _top_level_hook instead, which takes its sender from the envelope.
+    # nested body (no encoder writes one) is read as "" whatever it holds. The outer message
+    # is built by _top_level_hook instead, which takes its sender from the envelope.
     c.register_structure_hook_factory(
-        is_message, lambda cls: _nested_message_hook(_top_level_hook(c, cls, detailed))
+        is_message,
+        lambda cls: make_dict_structure_fn(
+            cls,
+            c,
+            _cattrs_forbid_extra_keys=True,
+            _cattrs_detailed_validation=detailed,
+            sender=override(struct_hook=_no_sender),
+        ),
     )
     return c
+
+
+def _no_sender(_value: object, _t: object) -> str:
+    """The sender of a nested message, whatever its body says."""
+    return ""
 
 
 def _top_level_hook(
@@ -192,17 +204,6 @@ def _top_level_hook(
     return make_dict_structure_fn(
         cls, c, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=detailed
     )
-
-
-def _nested_message_hook(
-    structure: Callable[[Any, Any], Message],
-) -> Callable[[Any, Any], Message]:
-    def nested(v: Any, t: Any) -> Message:
-        if type(v) is dict and "sender" in v:
-            v = {key: value for key, value in v.items() if key != "sender"}
-        return structure(v, t)
-
-    return nested
 
 
 #: The cattrs converter used for message bodies (strict, with detailed error reports). It

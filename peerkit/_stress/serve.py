@@ -28,6 +28,7 @@ async def serve(options: dict[str, Any], config_server: bool) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             broker = Broker(**options)
+            asked = False  # a signal asked it to stop
 
             async def run_broker(*, task_status: trio.TaskStatus[Broker]) -> None:
                 try:
@@ -35,7 +36,8 @@ async def serve(options: dict[str, Any], config_server: bool) -> None:
                 except BaseException as exc:
                     log.critical("the broker stopped: %r", exc, exc_info=exc)
                     raise
-                log.critical("the broker stopped")
+                if not asked:
+                    log.critical("the broker stopped by itself")
                 nursery.cancel_scope.cancel()
 
             await nursery.start(run_broker)
@@ -45,6 +47,7 @@ async def serve(options: dict[str, Any], config_server: bool) -> None:
                 await nursery.start(server.run)
             print(f"url {broker.url}", flush=True)
             async for _ in signals:
+                asked = True
                 break
             if server is not None:
                 with trio.move_on_after(5):
