@@ -5,8 +5,10 @@ trio nursery and follows a strict lifecycle (see :mod:`peerkit.states`).
 """
 
 from .broker import Broker
-from .config import ConfigServer, ConfiguredPeer
+from .config.configured import ConfigServer, ConfiguredPeer
+from .config.params import param
 from .errors import (
+    BrokerBusyError,
     BrokerConnectError,
     BrokerLostError,
     BrokerRequestError,
@@ -29,7 +31,6 @@ from .errors import (
     UnknownMessageType,
 )
 from .messages import Message, message
-from .params import param
 from .peer import Peer, query_handler, subscribe
 from .states import CustomState, PeerState
 
@@ -53,6 +54,7 @@ def __getattr__(name: str) -> str:
 
 __all__ = [
     "Broker",
+    "BrokerBusyError",
     "BrokerConnectError",
     "BrokerLostError",
     "BrokerRequestError",

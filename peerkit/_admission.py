@@ -23,6 +23,7 @@ def admit(
     connected: Mapping[str, str],
     max_peers: int,
     shutting_down: bool,
+    max_id_length: int = MAX_ID_LEN,
 ) -> Reject | None:
     """None if the peer that said ``hello`` may join, else the :class:`Reject` to send it.
 
@@ -41,11 +42,11 @@ def admit(
         )
     if token is not None and not hmac.compare_digest(hello.token.encode(), token.encode()):
         return Reject(reason="bad_token", detail="wrong or missing token; pass the broker's token")
-    if pid in RESERVED_IDS or len(pid) > MAX_ID_LEN or not pid.isprintable():
+    if pid in RESERVED_IDS or len(pid) > max_id_length or not pid.isprintable():
         return Reject(
             reason="bad_id",
             detail=(
-                f"invalid peer id {pid!r}: use 1..{MAX_ID_LEN} printable characters, "
+                f"invalid peer id {pid!r}: use 1..{max_id_length} printable characters, "
                 f"not {BROKER_ID!r}"
             ),
         )

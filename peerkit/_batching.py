@@ -77,23 +77,3 @@ def take_frame(out: collections.deque[Outgoing], limit: int) -> tuple[bytes, int
             published += len(bodies)
             size += len(head) + item.size
     return (parts[0] if len(parts) == 1 else b"".join(parts)), taken, published
-
-
-def take_counted(
-    out: collections.deque[tuple[bytes, bytes, int]], limit: int, parts: list[bytes]
-) -> int:
-    """The broker's writer: move queued ``(head, body, messages)`` envelopes into ``parts``.
-
-    Stops past ``limit`` bytes or at :data:`MAX_BATCH` envelopes (one is always taken);
-    returns how many published messages were taken.
-    """
-    size = messages = envelopes = 0
-    while out and size < limit and envelopes < MAX_BATCH:
-        head, body, count = out.popleft()
-        parts.append(head)
-        if body:
-            parts.append(body)
-        size += len(head) + len(body)
-        messages += count
-        envelopes += 1
-    return messages

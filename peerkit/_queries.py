@@ -18,11 +18,13 @@ import attrs
 import trio
 
 from . import codec
+from ._admission import BROKER_ID
 from ._checks import check_seconds
 from ._handlers import check_handler
 from ._link import Link
 from .codec import Envelope, control, pack_envelope
 from .errors import (
+    BrokerBusyError,
     BrokerLostError,
     BrokerRequestError,
     DecodeError,
@@ -254,4 +256,8 @@ class Queries:
             raise RemoteError(failure.peer_id, failure.error_type, detail)
         if code == "multiple":
             raise MultiplePeersAvailable(type_name, failure.peers)
+        if code == "timeout":
+            raise QueryTimeout(f"{what}: {detail}")
+        if code == "busy" and env.sender == BROKER_ID:
+            raise BrokerBusyError(f"{what}: {detail}")
         raise QueryAnswerUnknown(f"{code}: {detail}")

@@ -6,7 +6,8 @@ holds one :class:`~peerkit._connection.Connection` per peer (its trio-websocket 
 bounded outgoing queue, reader and writer), a :class:`~peerkit._dispatch.Dispatcher` that
 decides where each envelope goes, and its :class:`~peerkit.routing.RoutingTable`. It never
 waits for a slow peer: on overflow it drops published messages and tells the subscriber how
-many (or disconnects it, by option).
+many (or disconnects it, by option). What one connection may cost it is bounded in bytes and
+in time (:class:`~peerkit._limits.Limits`, the options listed in :class:`Broker`).
 
 It serves on its own port (``trio_websocket.serve_websocket``), or, with ``listen=False``,
 is *mounted* on an application's trio-websocket server: the application hands it the
@@ -15,11 +16,12 @@ requests it chooses with :meth:`Broker.handle_request`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import ssl
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import trio
@@ -31,6 +33,7 @@ from ._batching import MESSAGE_QUEUE, RECEIVE_BUFFER, batch_limit, ws_max_frame
 from ._checks import check_positive_int, check_seconds
 from ._connection import Connection, log
 from ._dispatch import Dispatcher
+from ._limits import Limits
 from ._util import OwnNursery, raise_single
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, control, pack_envelope
 from .errors import DecodeError, PeerkitError
@@ -65,17 +68,41 @@ class Broker(OwnNursery):
     * ``token``: shared secret every peer must present. Required to bind an address other
       than loopback.
     * ``ssl_context``: serve ``wss://`` with this server-side :class:`ssl.SSLContext`.
-    * ``max_message_size``: largest message body in bytes (default 1 MiB). Bigger published
-      messages are refused with an error to their sender; the connection is kept.
+    * ``max_message_size``: largest body of any envelope in bytes (default 1 MiB). A bigger
+      published message is refused with an error to its sender; a bigger query or reply
+      fails that query (``too_large``, and an error to a replier); the connection is kept.
     * ``max_peers``: connections beyond this are rejected.
     * ``handshake_timeout``: seconds a new connection has to say hello.
+    * ``max_handshakes``: connections still waiting to say hello (default 64). A new one
+      beyond it closes the *oldest* waiting connection (rejected ``too_many_handshakes``),
+      so strangers holding the cap cannot keep out a peer, which says hello at once.
+    * ``max_hello_size``: largest first message in bytes (default 4 KiB; a hello is under
+      1 KiB): a bigger one is rejected (``bad_hello``) without being decoded.
     * ``heartbeat_interval`` / ``heartbeat_timeout``: peers send a heartbeat every interval;
       a peer silent for ``heartbeat_timeout`` seconds is dropped and a ``PanickMsg`` is
       published on its behalf.
     * ``send_queue_size``: published messages queued per connection; what does not fit is
       dropped for that peer and counted (control envelopes are never dropped).
+    * ``send_queue_bytes``: the same bound in bytes (default 32 MiB, at least twice
+      ``max_message_size``). Control envelopes (answers, queries, replies) have as much
+      again: a peer that lets more pile up (or more than 4096 of them) does not read its
+      connection and is disconnected (code 1008).
     * ``overflow``: ``"drop"`` (default: drop and tell the subscriber how many) or
       ``"disconnect"`` (close a subscriber that cannot keep up).
+    * ``max_pending_queries``: queries one peer may have waiting for their answers (default
+      1000); ``max_pending_queries_total``: the same for all peers together (default
+      50,000). Beyond them, and for a handler whose connection is filling up with
+      envelopes it has not read, the asker gets :class:`~peerkit.errors.BrokerBusyError`
+      at once; the handler is never disconnected for the queries others send it.
+    * ``query_deadline``: seconds the broker waits for a query's answer (default 60); then
+      the asker gets :class:`~peerkit.QueryTimeout` and a late answer is dropped.
+    * ``info_rate``: broker-info requests a second per connection (default 20); beyond, the
+      request is refused with ``busy``.
+    * ``max_type_length``: longest message type name (default 256 characters);
+      ``max_id_length``: longest peer id (default 200). Longer ones are refused
+      (``bad_request``, ``bad_id``).
+    * ``max_subscriptions`` / ``max_handlers``: subscriptions and query types handled per
+      peer (defaults 4096 and 1024); beyond, the request is refused (``too_many``).
     * ``grace_period``: seconds a clean shutdown waits for peers to say goodbye.
     * ``stall_timeout``: a subscriber with a ``lossless`` subscription slows its
       publishers down when it cannot keep up (the broker stops reading them); one that
@@ -98,7 +125,18 @@ class Broker(OwnNursery):
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 5.0,
         send_queue_size: int = 10_000,
+        send_queue_bytes: int | None = None,
         overflow: Literal["drop", "disconnect"] = "drop",
+        max_handshakes: int = 64,
+        max_hello_size: int = 4096,
+        max_pending_queries: int = 1000,
+        max_pending_queries_total: int = 50_000,
+        query_deadline: float = 60.0,
+        info_rate: float = 20.0,
+        max_type_length: int = 256,
+        max_id_length: int = 200,
+        max_subscriptions: int = 4096,
+        max_handlers: int = 1024,
         grace_period: float = 2.0,
         stall_timeout: float = 5.0,
         listen: bool = True,
@@ -106,14 +144,24 @@ class Broker(OwnNursery):
         check_bind(host, token)
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise PeerkitError(f"port must be an integer in 0..65535, got {port!r}")
-        if overflow not in ("drop", "disconnect"):
-            raise PeerkitError(f"overflow must be 'drop' or 'disconnect', got {overflow!r}")
-        for name, value in (
-            ("max_message_size", max_message_size),
-            ("max_peers", max_peers),
-            ("send_queue_size", send_queue_size),
-        ):
-            check_positive_int(name, value)
+        #: every bound on what a connection may cost (checked here, once)
+        self.limits = Limits.checked(
+            max_message_size=max_message_size,
+            send_queue_size=send_queue_size,
+            send_queue_bytes=send_queue_bytes,
+            overflow=overflow,
+            max_handshakes=max_handshakes,
+            max_hello_size=max_hello_size,
+            max_pending_queries=max_pending_queries,
+            max_pending_queries_total=max_pending_queries_total,
+            query_deadline=query_deadline,
+            info_rate=info_rate,
+            max_type_length=max_type_length,
+            max_id_length=max_id_length,
+            max_subscriptions=max_subscriptions,
+            max_handlers=max_handlers,
+        )
+        check_positive_int("max_peers", max_peers)
         for name, fvalue in (
             ("handshake_timeout", handshake_timeout),
             ("heartbeat_interval", heartbeat_interval),
@@ -143,11 +191,11 @@ class Broker(OwnNursery):
 
         self.listen = bool(listen)
 
-        self.routing = RoutingTable()
+        self.routing = RoutingTable(max_subscriptions=max_subscriptions, max_handlers=max_handlers)
         self._conns: dict[str, Connection] = {}
-        self._dispatcher = Dispatcher(
-            self.routing, self._conns, self.info, max_message_size, send_queue_size, overflow
-        )
+        self._dispatcher = Dispatcher(self.routing, self._conns, self.info, self.limits)
+        #: connections waiting to say hello, oldest first (see _waiting_for_hello)
+        self._waiting_hello: dict[trio.CancelScope, None] = {}
         self._batch_limit = batch_limit(max_message_size)
         self._handlers: set[trio.CancelScope] = set()  # every connection being served
         self._running = False  # run() has started and the broker takes connections
@@ -186,6 +234,11 @@ class Broker(OwnNursery):
         """Ids of the connected (handshaken) peers."""
         return sorted(self._conns)
 
+    @property
+    def handshakes(self) -> int:
+        """Connections waiting to say hello (at most ``max_handshakes``)."""
+        return len(self._waiting_hello)
+
     def info(self) -> BrokerInfo:
         """A snapshot of every connected peer (what ``peerkit peers`` shows)."""
         return BrokerInfo(
@@ -195,6 +248,7 @@ class Broker(OwnNursery):
                     subscriptions=self.routing.subscriptions_of(c.peer_id),
                     query_handlers=self.routing.handlers_of(c.peer_id),
                     queued=c.queued,
+                    queued_bytes=c.queued_bytes,
                     dropped=c.dropped_total,
                     msgs_in=c.msgs_in,
                     msgs_out=c.msgs_out,
@@ -373,13 +427,52 @@ class Broker(OwnNursery):
         self, ws: trio_websocket.WebSocketConnection, json: bool
     ) -> Connection | None:
         with trio.move_on_after(self.handshake_timeout):
-            try:
-                frame = await ws.get_message()
-            except trio_websocket.ConnectionClosed:
+            with self._waiting_for_hello() as waiting:
+                try:
+                    frame = await ws.get_message()
+                except trio_websocket.ConnectionClosed:
+                    return None
+            if waiting.cancelled_caught:
+                await self._reject(
+                    ws,
+                    "too_many_handshakes",
+                    f"more than max_handshakes={self.limits.max_handshakes} connections were "
+                    "waiting to say hello; this one waited longest (say hello at once)",
+                    json,
+                )
                 return None
-            return await self._accept_hello(ws, frame, json)
+            if len(frame) > self.limits.max_hello_size:
+                await self._reject(
+                    ws,
+                    "bad_hello",
+                    f"the first message is {len(frame)} bytes, over the broker's "
+                    f"max_hello_size of {self.limits.max_hello_size}; it must be a hello",
+                    json,
+                )
+                return None
+            conn = await self._accept_hello(ws, frame, json)
+            if conn is not None:
+                conn.max_bytes = self.limits.send_queue_bytes
+            return conn
         await self._reject(ws, "bad_hello", f"no hello within {self.handshake_timeout} s", json)
         return None
+
+    @contextlib.contextmanager
+    def _waiting_for_hello(self) -> Iterator[trio.CancelScope]:
+        """The scope of a connection's wait for its hello, one of at most
+        ``max_handshakes``: a new one beyond that cancels the oldest's wait (strangers that
+        hold the slots cannot keep a peer out, which says hello in milliseconds)."""
+        waiting = self._waiting_hello
+        while len(waiting) >= self.limits.max_handshakes:
+            oldest = next(iter(waiting))
+            del waiting[oldest]
+            oldest.cancel(reason="too many connections waiting to say hello")
+        with trio.CancelScope() as scope:
+            waiting[scope] = None
+            try:
+                yield scope
+            finally:
+                waiting.pop(scope, None)
 
     async def _accept_hello(
         self, ws: trio_websocket.WebSocketConnection, frame: bytes | str, json: bool
@@ -402,6 +495,7 @@ class Broker(OwnNursery):
             connected={p: c.resume_token for p, c in self._conns.items()},
             max_peers=self.max_peers,
             shutting_down=self._shutting_down,
+            max_id_length=self.limits.max_id_length,
         )
         if reject is None and pid in self._conns:  # the peer is back: its old connection goes
             stale = self._conns[pid]
@@ -498,11 +592,13 @@ class Broker(OwnNursery):
 
     # ---------------------------------------------------------------- liveness
     async def _monitor(self) -> None:
-        """Send heartbeats to idle peers and drop peers that fell silent."""
+        """Send heartbeats to idle peers, drop peers that fell silent and fail the queries
+        past their deadline."""
         beat = pack_envelope(int(Kind.HEARTBEAT), "", BROKER_ID)
         while True:
             await trio.sleep(self.heartbeat_interval)
             now = trio.current_time()
+            self._dispatcher.expire_queries(now)
             for conn in list(self._conns.values()):
                 conn.note_activity(now)
                 if now - conn.last_seen >= self.heartbeat_timeout:

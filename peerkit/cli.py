@@ -44,10 +44,11 @@ from typing import Any
 import attrs
 import trio
 
+from . import dashboard as _dashboard
 from ._completion import SHELLS, bash_script, zsh_script
-from ._status import StatusEvent, event_line, event_record, peer_records, peers_table
 from .broker import Broker
-from .config import ConfigServer, ConfiguredPeer
+from .config.configured import ConfigServer, ConfiguredPeer
+from .config.params import ConfigError, merge_overrides, parse_overrides
 from .errors import (
     BrokerConnectError,
     BrokerLostError,
@@ -57,8 +58,9 @@ from .errors import (
     PeerkitError,
     QueryTimeout,
 )
-from .experiment import CONFIG_SERVER_ID, ExperimentError, import_class, load_experiment
-from .launch import LOG_FORMAT, Launcher
+from .launch._status import StatusEvent, event_line, event_record, peer_records, peers_table
+from .launch.experiment import CONFIG_SERVER_ID, ExperimentError, import_class, load_experiment
+from .launch.launcher import LOG_FORMAT, Launcher
 from .messages import (
     CONTROL_ACTIONS,
     OkMsg,
@@ -67,7 +69,6 @@ from .messages import (
     PeerLeft,
     PeerStateChanged,
 )
-from .params import ConfigError, merge_overrides, parse_overrides
 from .peer import Peer
 from .protocol import BrokerInfo
 
@@ -385,6 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--inprocess", action="store_true", help="run every peer as a task in this process"
     )
     p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="also serve the live dashboard (a web page on 127.0.0.1; its address is printed)",
+    )
+    p.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="the dashboard's port (default: any free one)",
+    )
+    p.add_argument(
         "--run-dir",
         metavar="DIR",
         help="where the logs and the peers' output go (default: runs/NAME-TIMESTAMP-PID)",
@@ -472,6 +485,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subparser(
         sub,
+        "dashboard",
+        "serve the live dashboard of a broker's peers (a web page)",
+        _dashboard.DESCRIPTION,
+        "example:\n  peerkit dashboard --broker ws://127.0.0.1:8765 --port 0\n",
+    )
+    _dashboard.add_arguments(p)
+
+    p = _subparser(
+        sub,
         "completion",
         "print a shell completion script",
         _COMPLETION_DESCRIPTION,
@@ -495,6 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ctl": _cmd_ctl,
         "peers": _cmd_peers,
         "completion": _cmd_completion,
+        "dashboard": _dashboard.dashboard_command,
     }[args.command]
     try:
         _check_environment(args)
@@ -994,6 +1017,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
             tail=args.tail,
             token=os.environ.get("PEERKIT_TOKEN"),
             log_level=getattr(logging, args.log_level or "INFO"),
+            dashboard=args.dashboard,
+            dashboard_port=args.dashboard_port,
         )
     except PeerkitError as exc:
         raise _UsageError(_launch_flags(str(exc))) from None

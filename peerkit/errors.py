@@ -109,7 +109,13 @@ class HandlerGoneError(QueryAnswerUnknown):
 
 
 class QueryTimeout(QueryAnswerUnknown, TimeoutError):
-    """No answer arrived within the query's timeout."""
+    """No answer arrived within the query's timeout (or the broker's ``query_deadline``)."""
+
+
+class BrokerBusyError(QueryAnswerUnknown):
+    """The broker refused the query at once, without forwarding it: too many queries are
+    waiting for answers (the asker's ``max_pending_queries``, or all peers'), or the handler
+    has too much waiting at the broker. Nothing was asked: retry later."""
 
 
 class RemoteError(QueryAnswerUnknown):

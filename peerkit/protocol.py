@@ -87,7 +87,9 @@ class Welcome(Message):
 
 @message(type="peerkit.Reject")
 class Reject(Message):
-    reason: str  #: duplicate_id | bad_token | bad_version | too_many_peers | bad_hello
+    #: duplicate_id | bad_token | bad_version | bad_id | too_many_peers | bad_hello |
+    #: too_many_handshakes | shutting_down
+    reason: str
     detail: str
 
 
@@ -122,7 +124,10 @@ class RequestFailed(Message):
 
 @message(type="peerkit.QueryFailed")
 class QueryFailed(Message):
-    code: str  #: no_handler | handler_gone | remote_error | multiple | too_large | bad_reply
+    #: no_handler | handler_gone | remote_error | multiple | too_large | bad_reply |
+    #: bad_request | busy (the broker, or the handler, cannot take it now: retry later) |
+    #: timeout (no answer within the broker's ``query_deadline``)
+    code: str
     detail: str
     peer_id: str = ""
     error_type: str = ""
@@ -135,6 +140,9 @@ class PeerInfo(Message):
     subscriptions: list[str] = attrs.field(factory=list)
     query_handlers: list[str] = attrs.field(factory=list)
     queued: int = 0  #: published messages waiting in the broker to go to this peer
+    #: bytes waiting in the broker to go to this peer (published messages and control
+    #: envelopes)
+    queued_bytes: int = 0
     dropped: int = 0  #: published messages meant for this peer that the broker dropped
     msgs_in: int = 0  #: messages this peer published
     msgs_out: int = 0  #: published messages the broker sent to this peer

@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from .broker import Broker
-from .config_server import ConfigServer
+from .config.server import ConfigServer
 
 if TYPE_CHECKING:
     from .testing import PeerFactory

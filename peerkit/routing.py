@@ -2,10 +2,18 @@
 
 Everything is keyed by peer id. The broker's trio layer asks this table *who* gets an
 envelope; it never looks inside message bodies.
+
+What it holds is bounded: subscriptions and handlers per peer (``max_subscriptions``,
+``max_handlers``), pending queries by the broker (per asker and in total, with a deadline
+each, see :meth:`RoutingTable.expire`), and the cache of subscribers per (type, sender),
+which keeps no entry for a type nobody subscribed to and is emptied when it holds more than
+``max_cache_entries`` entries or ``max_cache_bytes`` bytes of names.
 """
 
 from __future__ import annotations
 
+import collections
+import math
 from collections.abc import Iterable
 
 import attrs
@@ -37,6 +45,8 @@ class PendingQuery:
     asker_corr: int
     handler: str
     msg_type: str
+    #: when the broker gives up waiting (in the caller's clock; never by default)
+    deadline: float = math.inf
 
 
 @attrs.frozen
@@ -49,20 +59,43 @@ class Removal:
     abandoned_queries: int
 
 
+#: Bytes a cache entry costs beside its names (key tuple, dict slot, result tuple).
+_CACHE_ENTRY_OVERHEAD = 200
+
+
 class RoutingTable:
     """Subscriptions ``(type, sender-or-all) → peers`` and query bookkeeping."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        max_subscriptions: int = 4096,
+        max_handlers: int = 1024,
+        max_cache_entries: int = 50_000,
+        max_cache_bytes: int = 8 << 20,
+    ) -> None:
+        self.max_subscriptions = max_subscriptions
+        self.max_handlers = max_handlers
+        self.max_cache_entries = max_cache_entries
+        self.max_cache_bytes = max_cache_bytes
+        #: counts every change of peers, subscriptions and handlers (for caches above)
+        self.changes = 0
         self._peers: set[str] = set()
         self._all: dict[str, set[str]] = {}
         self._specific: dict[tuple[str, str], set[str]] = {}
+        #: how many sender-specific subscription keys each type has
+        self._specific_types: collections.Counter[str] = collections.Counter()
         self._peer_subs: dict[str, set[tuple[str, str | None]]] = {}
         self._handlers: dict[str, HandlerSet] = {}
         self._peer_handlers: dict[str, set[str]] = {}
+        #: in the order they were opened: with one deadline for every query, that is the
+        #: order of their deadlines too (see expire)
         self._pending: dict[int, PendingQuery] = {}
         self._by_asker: dict[tuple[str, int], int] = {}
+        self._asker_pending: collections.Counter[str] = collections.Counter()
         self._next_corr = 1
         self._cache: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._cache_bytes = 0
 
     # ------------------------------------------------------------------ peers
     def add_peer(self, peer_id: str) -> None:
@@ -71,6 +104,7 @@ class RoutingTable:
         self._peers.add(peer_id)
         self._peer_subs[peer_id] = set()
         self._peer_handlers[peer_id] = set()
+        self.changes += 1
 
     def has_peer(self, peer_id: str) -> bool:
         return peer_id in self._peers
@@ -97,19 +131,35 @@ class RoutingTable:
             elif pq.asker == peer_id:
                 abandoned += 1
                 self._forget(corr)
-        self._cache.clear()
+        self._clear_cache()
         return Removal(tuple(orphaned), abandoned)
 
     # ---------------------------------------------------------- subscriptions
     def subscribe(self, peer_id: str, msg_type: str, sender: str | None = None) -> None:
-        """Deliver ``msg_type`` (from ``sender``, or from everyone if None) to ``peer_id``."""
+        """Deliver ``msg_type`` (from ``sender``, or from everyone if None) to ``peer_id``.
+
+        Raises :class:`BrokerRequestError` (``too_many``) beyond ``max_subscriptions``.
+        """
         self._require(peer_id)
+        subs = self._peer_subs[peer_id]
+        if (msg_type, sender) in subs:
+            return
+        if len(subs) >= self.max_subscriptions:
+            raise BrokerRequestError(
+                "too_many",
+                f"peer {peer_id!r} already has max_subscriptions={self.max_subscriptions} "
+                "subscriptions; unsubscribe some (or raise the broker's max_subscriptions)",
+            )
         if sender is None:
             self._all.setdefault(msg_type, set()).add(peer_id)
         else:
-            self._specific.setdefault((msg_type, sender), set()).add(peer_id)
-        self._peer_subs[peer_id].add((msg_type, sender))
-        self._cache.clear()
+            key = (msg_type, sender)
+            if key not in self._specific:
+                self._specific[key] = set()
+                self._specific_types[msg_type] += 1
+            self._specific[key].add(peer_id)
+        subs.add((msg_type, sender))
+        self._clear_cache()
 
     def unsubscribe(self, peer_id: str, msg_type: str, sender: str | None = None) -> bool:
         """Undo one :meth:`subscribe`; False if there was no such subscription."""
@@ -118,7 +168,7 @@ class RoutingTable:
             return False
         subs.discard((msg_type, sender))
         self._discard_sub(peer_id, msg_type, sender)
-        self._cache.clear()
+        self._clear_cache()
         return True
 
     def _discard_sub(self, peer_id: str, msg_type: str, sender: str | None) -> None:
@@ -134,6 +184,10 @@ class RoutingTable:
             s.discard(peer_id)
             if not s:
                 del table[key]
+                if sender is not None:
+                    self._specific_types[msg_type] -= 1
+                    if not self._specific_types[msg_type]:
+                        del self._specific_types[msg_type]
 
     def subscribers(self, msg_type: str, sender: str) -> tuple[str, ...]:
         """Peers that get ``msg_type`` published by ``sender`` (cached until a change)."""
@@ -142,12 +196,36 @@ class RoutingTable:
             return self._cache[key]
         except KeyError:
             pass
+        if msg_type not in self._all and msg_type not in self._specific_types:
+            # nobody subscribed: no entry, so that invented type names cost nothing
+            return ()
         result = self._all.get(msg_type, set()) | self._specific.get(key, set())
         out = tuple(sorted(result))
-        if len(self._cache) >= 50_000:  # bound it: publishers can invent (type, sender) pairs
+        cost = len(msg_type) + len(sender) + _CACHE_ENTRY_OVERHEAD
+        if (
+            len(self._cache) >= self.max_cache_entries
+            or self._cache_bytes + cost > self.max_cache_bytes
+        ):
             self._cache.clear()
+            self._cache_bytes = 0
         self._cache[key] = out
+        self._cache_bytes += cost
         return out
+
+    @property
+    def cache_entries(self) -> int:
+        """Entries in the cache of subscribers per (type, sender)."""
+        return len(self._cache)
+
+    @property
+    def cache_bytes(self) -> int:
+        """What the cache's entries cost (names plus a fixed overhead each), in bytes."""
+        return self._cache_bytes
+
+    def _clear_cache(self) -> None:
+        self._cache.clear()
+        self._cache_bytes = 0
+        self.changes += 1
 
     def subscriptions_of(self, peer_id: str) -> list[str]:
         """Human-readable subscriptions of a peer: ``Type`` or ``Type@sender``."""
@@ -158,9 +236,17 @@ class RoutingTable:
         """Make ``peer_id`` a handler of ``msg_type`` queries.
 
         A second handler is refused unless every registration uses the same sharing policy
-        ``"round_robin"`` or ``"explicit"``.
+        ``"round_robin"`` or ``"explicit"``; more than ``max_handlers`` types per peer are
+        refused with ``too_many``.
         """
         self._require(peer_id)
+        handled = self._peer_handlers[peer_id]
+        if msg_type not in handled and len(handled) >= self.max_handlers:
+            raise BrokerRequestError(
+                "too_many",
+                f"peer {peer_id!r} already handles max_handlers={self.max_handlers} query "
+                "types; unregister some (or raise the broker's max_handlers)",
+            )
         if policy not in SHARE_POLICIES:
             raise BrokerRequestError(
                 "bad_policy",
@@ -185,7 +271,8 @@ class RoutingTable:
             )
         else:
             hs.peers.append(peer_id)
-        self._peer_handlers[peer_id].add(msg_type)
+        handled.add(msg_type)
+        self.changes += 1
 
     def unregister_handler(self, peer_id: str, msg_type: str) -> bool:
         handled = self._peer_handlers.get(peer_id)
@@ -193,6 +280,7 @@ class RoutingTable:
             return False
         handled.discard(msg_type)
         self._discard_handler(peer_id, msg_type)
+        self.changes += 1
         return True
 
     def _discard_handler(self, peer_id: str, msg_type: str) -> None:
@@ -219,12 +307,24 @@ class RoutingTable:
         return peer
 
     # -------------------------------------------------------- pending queries
-    def open_query(self, asker: str, asker_corr: int, handler: str, msg_type: str) -> int:
-        """Record a forwarded query; returns the broker-side correlation id."""
+    def open_query(
+        self,
+        asker: str,
+        asker_corr: int,
+        handler: str,
+        msg_type: str,
+        deadline: float = math.inf,
+    ) -> int:
+        """Record a forwarded query; returns the broker-side correlation id.
+
+        Give every query the same delay before its ``deadline`` (or none): :meth:`expire`
+        relies on queries opened later not expiring earlier.
+        """
         corr = self._next_corr
         self._next_corr += 1
-        self._pending[corr] = PendingQuery(corr, asker, asker_corr, handler, msg_type)
+        self._pending[corr] = PendingQuery(corr, asker, asker_corr, handler, msg_type, deadline)
         self._by_asker[(asker, asker_corr)] = corr
+        self._asker_pending[asker] += 1
         return corr
 
     def close_query(self, corr: int, responder: str) -> PendingQuery | None:
@@ -247,11 +347,32 @@ class RoutingTable:
     def pending_count(self) -> int:
         return len(self._pending)
 
+    def pending_of(self, asker: str) -> int:
+        """Queries ``asker`` has waiting for an answer."""
+        return self._asker_pending.get(asker, 0)
+
+    def expire(self, now: float) -> list[PendingQuery]:
+        """Forget the queries whose deadline is ``now`` or earlier, and return them (their
+        askers must be told; a late answer finds nothing and is dropped)."""
+        expired = []
+        for pq in self._pending.values():
+            if pq.deadline > now:
+                break  # opened later, so due later
+            expired.append(pq)
+        for pq in expired:
+            self._forget(pq.corr)
+        return expired
+
     def _forget(self, corr: int) -> None:
         pq = self._pending.pop(corr)
         key = (pq.asker, pq.asker_corr)
         if self._by_asker.get(key) == corr:  # not a newer query reusing the asker's id
             del self._by_asker[key]
+        left = self._asker_pending[pq.asker] - 1
+        if left:
+            self._asker_pending[pq.asker] = left
+        else:
+            del self._asker_pending[pq.asker]
 
     def _require(self, peer_id: str) -> None:
         if peer_id not in self._peers:

@@ -109,7 +109,7 @@ class _StubControl:
 async def test_query_workers_make_round_trips_through_the_broker_and_the_bare_relay() -> None:
     """The query group's workers (broker, handler, asker; bare relay, echo, asker), run in
     one process here, answer every asker with its own bytes, intact, in turns."""
-    from peerkit._benchworkers import _ROLES
+    from peerkit.bench._workers import _ROLES
 
     with trio.fail_after(30):
         broker, relay, handler, echo, asker, bare = (_StubControl() for _ in range(6))

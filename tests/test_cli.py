@@ -30,8 +30,8 @@ from launchpeers import Ticker
 
 import peerkit
 from peerkit import Broker, ConfigServer, CustomState, Message, Peer, PeerState, message
-from peerkit._status import StatusEvent, event_line, event_record
 from peerkit.cli import _flags, build_parser, main
+from peerkit.launch._status import StatusEvent, event_line, event_record
 from peerkit.messages import PeerControlMessage, PeerJoined, PeerLeft, PeerStateChanged
 
 TESTS = Path(__file__).parent

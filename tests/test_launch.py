@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,11 @@ import trio.testing
 from launchhelpers import alive, launched, write_experiment
 from launchpeers import Sleeper, Tick
 
-import peerkit.launch
+import peerkit.launch.launcher
 from peerkit import Broker, Peer
-from peerkit._status import LogView, PeerRow, TerminalView, format_table
 from peerkit.experiment import load_experiment
 from peerkit.launch import Launcher, current_run_dir
+from peerkit.launch._status import LogView, PeerRow, TerminalView, format_table
 from peerkit.messages import (
     PanickMsg,
     PeerControlMessage,
@@ -30,6 +31,7 @@ from peerkit.messages import (
     PeerLeft,
     PeerStateChanged,
 )
+from peerkit.testing import wait_for_condition
 
 TICK = """
     [peers.ticker]
@@ -203,7 +205,7 @@ async def test_a_frozen_peer_dropped_by_the_broker_fails_after_ready_timeout(
     """The broker drops a frozen peer (a PanickMsg for its lost connection): the launcher
     shows it disconnected and gives it ready_timeout to reconnect or end; then it failed."""
     quick = functools.partial(Broker, heartbeat_interval=0.2, heartbeat_timeout=1.0)
-    monkeypatch.setattr(peerkit.launch, "Broker", quick)
+    monkeypatch.setattr(peerkit.launch.launcher, "Broker", quick)
     text = """
         [peers.frozen]
         class = "launchpeers:Sleeper"
@@ -477,3 +479,40 @@ def test_the_view_degrades_to_log_lines_when_not_a_terminal(tmp_path: Path) -> N
             return True
 
     assert isinstance(Launcher(exp, out=Tty()).view, TerminalView)
+
+
+async def test_launch_with_the_dashboard_serves_the_page(tmp_path: Path) -> None:
+    """``--dashboard``: the page is served beside the broker while the experiment runs,
+    and its address is printed; the recorder reports the end-to-end latency."""
+    demo = load_experiment(Path(__file__).parent.parent / "examples" / "demo.toml")
+    out = io.StringIO()
+    launcher = Launcher(
+        demo, duration=1.5, inprocess=True, run_dir=tmp_path, out=out, view="log", dashboard=True
+    )
+    pages: list[bytes] = []
+
+    async def fetch_the_page() -> None:
+        await wait_for_condition(lambda: launcher.dashboard_url is not None, 20)
+        assert launcher.dashboard_url is not None
+        url = urllib.parse.urlsplit(launcher.dashboard_url)
+        stream = await trio.open_tcp_stream(url.hostname or "127.0.0.1", url.port or 80)
+        async with stream:
+            await stream.send_all(
+                f"GET {url.path or '/'} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+            pages.append(data)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch_the_page)
+            assert await launcher.run() == 0
+    (page,) = pages
+    assert page.startswith(b"HTTP/1.1 200") and b"peerkit" in page
+    assert f"dashboard: open {launcher.dashboard_url}" in out.getvalue()
+    report = json.loads((tmp_path / "recording.json").read_text())
+    latency = report["latency_ms"]
+    assert 0 < latency["median"] <= latency["p99"] <= latency["max"]

@@ -23,10 +23,10 @@ from launchhelpers import Run, alive, launched
 from launchpeers import Crash, OnDemand, runs
 
 from peerkit import Peer
-from peerkit._launch_peers import RestartBudget
 from peerkit.config_messages import ConfigSnapshot, ConfigSnapshotQuery
 from peerkit.experiment import RestartPolicy, load_experiment
 from peerkit.launch import Launcher
+from peerkit.launch._peers import RestartBudget
 
 
 def experiment(worker: str, *, witness: bool = True) -> str:

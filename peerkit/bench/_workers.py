@@ -22,7 +22,9 @@ from typing import Any
 import trio
 import trio_websocket
 
-from ._benchstats import (
+from ..broker import Broker
+from ..peer import Peer
+from ._stats import (
     HEAD,
     SMALL,
     BenchMsg,
@@ -33,8 +35,6 @@ from ._benchstats import (
     percentile,
     read_payload,
 )
-from .broker import Broker
-from .peer import Peer
 
 __all__ = ["LineReader", "worker_main"]
 

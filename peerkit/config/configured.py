@@ -33,8 +33,18 @@ from typing import Any
 
 import trio
 
-from ._checks import check_seconds
-from .config_messages import (
+from .._checks import check_seconds
+from ..errors import (
+    HandlerGoneError,
+    NoHandlerError,
+    PeerkitError,
+    QueryAnswerUnknown,
+    ShuttingDownException,
+)
+from ..messages import ErrorMsg, Message, OkMsg, PeerReady
+from ..peer import Peer, query_handler
+from ..states import PeerState
+from .messages import (
     ConfigServerReady,
     DependenciesQuery,
     DependenciesStatus,
@@ -48,16 +58,6 @@ from .config_messages import (
     UnregisterPeerConfig,
     UpdateParams,
 )
-from .config_server import DEFAULT_CONFIG_SERVER_ID, ConfigTimeout, DependencyLost
-from .config_server import ConfigServer as ConfigServer  # re-exported
-from .errors import (
-    HandlerGoneError,
-    NoHandlerError,
-    PeerkitError,
-    QueryAnswerUnknown,
-    ShuttingDownException,
-)
-from .messages import ErrorMsg, Message, OkMsg, PeerReady
 from .params import (
     MISSING,
     ConfigError,
@@ -75,8 +75,8 @@ from .params import (
     parse_text,
     type_name,
 )
-from .peer import Peer, query_handler
-from .states import PeerState
+from .server import DEFAULT_CONFIG_SERVER_ID, ConfigTimeout, DependencyLost
+from .server import ConfigServer as ConfigServer  # re-exported
 
 __all__ = ["DEFAULT_CONFIG_SERVER_ID", "ConfigTimeout", "ConfiguredPeer", "DependencyLost"]
 

@@ -16,8 +16,8 @@ Workers cannot outlive the bench: each has a hard timeout (a watchdog thread cal
 parent kills every worker it started when a group of measurements ends, however it ends.
 
 This module is the command line and the final table; the measurements are in
-:mod:`peerkit._benchgroups`, the worker processes in :mod:`peerkit._benchworkers` and the
-I/O-free pieces (payloads, statistics, the table's layout) in :mod:`peerkit._benchstats`.
+:mod:`peerkit.bench._groups`, the worker processes in :mod:`peerkit.bench._workers` and the
+I/O-free pieces (payloads, statistics, the table's layout) in :mod:`peerkit.bench._stats`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any
 
 import trio
 
-from ._benchgroups import (
+from ._groups import (
     GROUPS,
     TARGET_FANOUT_OVER_BASELINE,
     TARGET_LONE_OVER_BARE_MS,
@@ -51,7 +51,7 @@ from ._benchgroups import (
     Report,
     progress,
 )
-from ._benchstats import (
+from ._stats import (
     LARGE,
     SMALL,
     BenchMsg,
@@ -64,7 +64,7 @@ from ._benchstats import (
     percentile,
     read_payload,
 )
-from ._benchworkers import worker_main
+from ._workers import worker_main
 
 __all__ = [
     "BenchMsg",
@@ -276,10 +276,8 @@ def _options(argv: Sequence[str]) -> Options:
     baseline = None
     if a.baseline:
         tree = Path(a.baseline).resolve()
-        if not (tree / "peerkit" / "bench.py").is_file():
-            parser.error(
-                f"--baseline {a.baseline}: no peerkit checkout there (no peerkit/bench.py)"
-            )
+        if not any((tree / "peerkit" / p).is_file() for p in ("bench.py", "bench/__init__.py")):
+            parser.error(f"--baseline {a.baseline}: no peerkit checkout there (no peerkit/bench)")
         baseline = str(tree)
     return Options(
         runs, a.quick, seconds, peers, a.clients, a.child_timeout, only, a.json, baseline

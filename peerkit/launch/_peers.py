@@ -18,8 +18,8 @@ from typing import Any, Literal, TextIO
 import attrs
 import trio
 
+from ..peer import Peer
 from .experiment import PeerSpec, RestartPolicy
-from .peer import Peer
 
 __all__ = [
     "LOG_FORMAT",

@@ -1,6 +1,6 @@
 """The benchmark's measurements, run from the parent process.
 
-Each group starts its worker processes (:mod:`peerkit._benchworkers`), drives them over
+Each group starts its worker processes (:mod:`peerkit.bench._workers`), drives them over
 their stdin/stdout and adds its figures to the :class:`Report`; every worker a group
 started is stopped when the group ends, however it ends.
 """
@@ -23,8 +23,8 @@ from typing import Any
 
 import trio
 
-from ._benchstats import LARGE, MB, SMALL, Figure
-from ._benchworkers import LineReader
+from ._stats import LARGE, MB, SMALL, Figure
+from ._workers import LineReader
 
 __all__ = ["GROUPS", "BenchError", "Options", "Report", "progress"]
 

@@ -9,7 +9,7 @@
 3. waits until every peer is ready (bounded by the ready timeout; the error names the peers
    that are not ready and why), then asks each to start with ``PeerControlMessage``, in
    dependency order;
-4. shows the state of every peer live (:mod:`peerkit._status`) until SIGINT/SIGTERM, the
+4. shows the state of every peer live (:mod:`peerkit.launch._status`) until SIGINT/SIGTERM, the
    end of ``duration``, the end of every peer, or the failure of an essential peer;
 5. stops the peers in reverse dependency order, each with a grace period (SIGTERM for a
    process, ``async_shutdown()`` for a task), then kills what is left; no child process
@@ -32,7 +32,7 @@ again once it is ready). A failure the policy does not restart -- or one past it
 a non-essential one is reported and the rest go on.
 
 This module orchestrates; what is about one peer (its :class:`PeerRecord`, its command line
-and environment, the run directory's log files) lives in :mod:`peerkit._launch_peers`.
+and environment, the run directory's log files) lives in :mod:`peerkit.launch._peers`.
 """
 
 from __future__ import annotations
@@ -50,8 +50,13 @@ from typing import Any, TextIO
 
 import trio
 
-from ._checks import check_seconds
-from ._launch_peers import (
+from .._checks import check_seconds
+from ..broker import Broker
+from ..config.configured import ConfigServer
+from ..errors import PeerkitError, QueryAnswerUnknown
+from ..messages import PanickMsg, PeerControlMessage, PeerJoined, PeerLeft, PeerStateChanged
+from ..peer import Peer
+from ._peers import (
     LOG_FORMAT,
     RUN_DIR_ENV,
     Outcome,
@@ -66,12 +71,7 @@ from ._launch_peers import (
     tail,
 )
 from ._status import LogView, PeerRow, StatusView, TerminalView
-from .broker import Broker
-from .config import ConfigServer
-from .errors import PeerkitError, QueryAnswerUnknown
 from .experiment import CONFIG_SERVER_ID, LAUNCHER_ID, Experiment
-from .messages import PanickMsg, PeerControlMessage, PeerJoined, PeerLeft, PeerStateChanged
-from .peer import Peer
 
 __all__ = ["LOG_FORMAT", "RUN_DIR_ENV", "Launcher", "PeerRecord", "current_run_dir"]
 
@@ -92,7 +92,7 @@ class Launcher:
     directory). ``ready_timeout``/``grace_period`` override the experiment file's.
     ``out``: where the status goes (default stdout); ``view``: ``"auto"`` (a live table on
     a terminal, log lines otherwise), ``"terminal"``, ``"log"`` or a
-    :class:`~peerkit._status.StatusView`. ``handle_signals``: stop cleanly on SIGINT and
+    :class:`~peerkit.launch._status.StatusView`. ``handle_signals``: stop cleanly on SIGINT and
     SIGTERM (a second signal kills at once); the CLI sets it. ``tail``: how many last lines
     of each peer's log to show at the end.
     """
@@ -115,6 +115,8 @@ class Launcher:
         token: str | None = None,
         log_level: int | None = logging.INFO,
         python: str = sys.executable,
+        dashboard: bool = False,
+        dashboard_port: int = 0,
     ) -> None:
         for name, value in (
             ("duration", duration),
@@ -147,6 +149,10 @@ class Launcher:
         self.status_interval = status_interval
         self.tail = tail
         self.token = token
+        #: serve the live dashboard (a web page) beside the broker; its address is printed
+        self.dashboard = bool(dashboard)
+        self.dashboard_port = dashboard_port
+        self.dashboard_url: str | None = None
         self.log_level = log_level
         self.python = python
 
@@ -228,6 +234,13 @@ class Launcher:
             self._broker = broker
             self.broker_url = broker.url
             self._event(f"broker listening on {broker.url}")
+            if self.dashboard:
+                from ..dashboard import Dashboard  # hypercorn is only needed for this
+
+                board = Dashboard(broker.url, port=self.dashboard_port, token=self.token)
+                await nursery.start(board.run)
+                self.dashboard_url = board.url
+                self._event(f"dashboard: open {board.url}")
             try:
                 config_server = ConfigServer(broker.url, CONFIG_SERVER_ID, token=self.token)
                 await nursery.start(config_server.run)

@@ -22,8 +22,8 @@ from typing import Any, Protocol, TextIO
 
 import attrs
 
-from .messages import PeerJoined, PeerLeft, PeerStateChanged
-from .protocol import PeerInfo
+from ..messages import PeerJoined, PeerLeft, PeerStateChanged
+from ..protocol import PeerInfo
 
 __all__ = [
     "LogView",

@@ -1,6 +1,6 @@
 """Benchmark building blocks without I/O: messages, payloads, statistics, the table.
 
-Used by :mod:`peerkit.bench` (the parent) and :mod:`peerkit._benchworkers` (its worker
+Used by :mod:`peerkit.bench` (the parent) and :mod:`peerkit.bench._workers` (its worker
 processes).
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .messages import Message, message
+from ..messages import Message, message
 
 __all__ = [
     "HEAD",
