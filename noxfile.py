@@ -6,6 +6,12 @@ so a machine with only 3.11 runs the default set too), then lint, typecheck and 
 ``nox -s tests-3.12`` runs one version; ``nox -s bench -- ARGS`` runs the benchmarks, which
 are never part of the default run. Arguments after ``--`` are passed on to pytest (``tests``)
 and to ``peerkit.bench`` (``bench``).
+
+``nox -s fuzz`` and ``nox -s soak -- --minutes N`` harden the broker (never in the default run
+either): a fuzz campaign of 100,000 mutated frames and envelopes against a live broker
+(``peerkit._stress.fuzz``), and a soak run with steady traffic and peers joining and leaving
+every second (``peerkit._stress.soak``, 10 minutes unless told). Both print their figures and
+exit non-zero on a failure; arguments after ``--`` go to them (``--help`` lists them).
 """
 
 from __future__ import annotations
@@ -81,3 +87,28 @@ def bench(session: nox.Session) -> None:
     """Run the benchmarks (``python -m peerkit.bench``); figures are reported, not asserted."""
     session.install("-e", ".")
     session.run("python", "-m", "peerkit.bench", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def fuzz(session: nox.Session) -> None:
+    """Fuzz a live broker: 100,000 mutated frames and envelopes, at most 30 minutes
+    (``python -m peerkit._stress.fuzz``; e.g. ``-- --inputs 1000000 --max-minutes 120``)."""
+    session.install("-e", ".")
+    session.run(
+        "python",
+        "-m",
+        "peerkit._stress.fuzz",
+        "--inputs",
+        "100000",
+        "--max-minutes",
+        "30",
+        *session.posargs,
+    )
+
+
+@nox.session(python=PYTHON)
+def soak(session: nox.Session) -> None:
+    """Soak a live broker: steady traffic, peers joining and leaving every second, memory
+    every 30 s (``python -m peerkit._stress.soak``; ``-- --minutes N``, 10 by default)."""
+    session.install("-e", ".")
+    session.run("python", "-m", "peerkit._stress.soak", *session.posargs)

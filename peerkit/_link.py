@@ -36,6 +36,7 @@ from ._batching import (
     batch_limit,
     take_frame,
 )
+from ._ratelog import DEFAULT_INTERVAL, RateLog
 from ._util import raise_single
 from .codec import Envelope, control, pack_envelope
 from .errors import (
@@ -153,6 +154,7 @@ class Link:
     _stop_reconnecting: trio.Event = attrs.field(factory=trio.Event)
     _next_corr: int = 1
     _pending: dict[int, Pending] = attrs.field(factory=dict)
+    _bad_frames: RateLog = attrs.field(factory=lambda: RateLog(DEFAULT_INTERVAL, trio.current_time))
 
     # ------------------------------------------------------------------ queueing
     @property
@@ -632,7 +634,10 @@ class Link:
                     elif kind != _HEARTBEAT:
                         handle(env)
             except DecodeError as exc:
-                log.error("peer %r: bad frame from the broker: %s", self.peer_id, exc)
+                if (report := self._bad_frames.hit("frame")) is not None:
+                    log.error(
+                        "peer %r: bad frame from the broker: %s%s", self.peer_id, exc, report.more()
+                    )
             finally:
                 self._in_frame = False
             if self.frame_done() and self.wait_room is not None:

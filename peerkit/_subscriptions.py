@@ -23,6 +23,7 @@ import trio
 from . import codec
 from ._handlers import check_handler
 from ._link import Link, Pending
+from ._ratelog import DEFAULT_INTERVAL, RateLog
 from .codec import Envelope, pack_envelope
 from .errors import (
     BrokerRequestError,
@@ -89,6 +90,10 @@ class Subscriptions:
     #: the strongest delivery of each type's local subscriptions (absent: "drop")
     _type_modes: dict[str, str] = attrs.field(factory=dict)
     _room: trio.Event | None = None  # set by the dispatcher when the inbox has room again
+    #: undecodable runs are logged at most once an interval per (type, sender)
+    _bad_log: RateLog = attrs.field(factory=lambda: RateLog(DEFAULT_INTERVAL, trio.current_time))
+    #: losses are logged at most once an interval
+    _lost_log: RateLog = attrs.field(factory=lambda: RateLog(DEFAULT_INTERVAL, trio.current_time))
 
     # ------------------------------------------------------------------ arrivals
     def deliver(self, env: Envelope) -> None:
@@ -178,13 +183,18 @@ class Subscriptions:
         return self._inbox_count > self.receive_queue_size
 
     def _warn_lost(self, count: int) -> None:
+        """Log a loss: at most once an interval, with what was held back since."""
+        report = self._lost_log.hit("lost", count)
+        if report is None:
+            return
         log.warning(
             "peer %r lost %d messages: they came faster than it took them in (its queue at "
             "the broker or its own receive queue was full; total %d, see "
-            "peer.dropped_messages)",
+            "peer.dropped_messages)%s",
             self.peer_id,
             count,
             self.dropped_messages,
+            report.more(),
         )
 
     def close(self) -> None:
@@ -194,6 +204,27 @@ class Subscriptions:
         self._inbox.clear()
         self._inbox_count = self._run_left = 0
         self.report_drops()  # what was dropped before, with its own explanation
+        for report in self._lost_log.drain():
+            log.warning(
+                "peer %r lost %d more messages since the last report, %.0f s ago (total %d, "
+                "see peer.dropped_messages)",
+                self.peer_id,
+                report.held,
+                report.since,
+                self.dropped_messages,
+            )
+        for report in self._bad_log.drain():
+            msg_type, sender = report.key if type(report.key) is tuple else ("?", "?")
+            log.error(
+                "peer %r: %d more undecodable %r messages from %r were dropped since the last "
+                "report, %.0f s ago (total %d, see peer.decode_errors)",
+                self.peer_id,
+                report.held,
+                msg_type,
+                sender,
+                report.since,
+                self.decode_errors,
+            )
         if lost:
             self.dropped_messages += lost
             log.info(
@@ -247,28 +278,53 @@ class Subscriptions:
         except UnknownMessageType:  # pragma: no cover - subscribing registered it
             return
         count = env.corr
-        for handled, msg in enumerate(codec.decode_run(cls, env.body, env.sender, count), 1):
-            if type(msg) is DecodeError:
-                self.decode_errors += 1
-                log.error("peer %r: dropped an undecodable message: %s", self.peer_id, msg)
-                continue
-            # looked up again per message: a handler may (un)subscribe
-            subs = all_subs.get(msg_type)
-            if not subs:
-                return
-            first = subs[0]
-            if len(subs) == 1 and first.handler is not None and first.sender is None:
-                # the common case without a coroutine per message: one handler
-                try:
-                    result = first.handler(msg)
-                    if result is not None and inspect.isawaitable(result):
-                        self._release_run(handled, count)
-                        await result
-                except Exception as exc:
-                    self._handler_failed(msg, exc)  # type: ignore[arg-type]
-            else:
-                self._release_run(handled, count)
-                await self._dispatch_one(subs, msg)  # type: ignore[arg-type]
+        bad = 0  # undecodable messages in this run: reported once, at its end
+        try:
+            for handled, msg in enumerate(codec.decode_run(cls, env.body, env.sender, count), 1):
+                if type(msg) is DecodeError:
+                    if not bad:
+                        first_error = msg
+                    bad += 1
+                    self.decode_errors += 1
+                    continue
+                # looked up again per message: a handler may (un)subscribe
+                subs = all_subs.get(msg_type)
+                if not subs:
+                    return
+                first = subs[0]
+                if len(subs) == 1 and first.handler is not None and first.sender is None:
+                    # the common case without a coroutine per message: one handler
+                    try:
+                        result = first.handler(msg)
+                        if result is not None and inspect.isawaitable(result):
+                            self._release_run(handled, count)
+                            await result
+                    except Exception as exc:
+                        self._handler_failed(msg, exc)  # type: ignore[arg-type]
+                else:
+                    self._release_run(handled, count)
+                    await self._dispatch_one(subs, msg)  # type: ignore[arg-type]
+        finally:
+            if bad:
+                self._report_undecodable(env, bad, first_error)
+
+    def _report_undecodable(self, env: Envelope, bad: int, first: DecodeError) -> None:
+        """Log the undecodable messages of one run: one line, at most once an interval per
+        (type, sender); the ones held back are counted in the next line."""
+        report = self._bad_log.hit((env.type, env.sender), bad)
+        if report is None:
+            return
+        log.error(
+            "peer %r: dropped %d undecodable message%s of the %d in a run; the first: %s "
+            "(total %d, see peer.decode_errors)%s",
+            self.peer_id,
+            bad,
+            "" if bad == 1 else "s",
+            env.corr,
+            first,
+            self.decode_errors,
+            report.more(),
+        )
 
     async def _dispatch_one(self, subs: list[Sub], msg: Message) -> None:
         for sub in tuple(subs) if len(subs) > 1 else subs:

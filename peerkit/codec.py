@@ -3,6 +3,12 @@
 Message bodies are msgpack maps produced by a strict cattrs converter: bytes travel as msgpack
 ``bin``; decoding checks every field's type, refuses missing and unknown fields, and turns every
 failure into :class:`~peerkit.errors.DecodeError` naming the type, the sender and the field.
+
+The sender is never taken from a body: a message's ``sender`` is the one given to the decoder
+(the envelope's, which the broker stamps from the authenticated connection), and a message
+nested in a field of another (``inner: Sample``, ``items: list[Sample]``, ...) always has
+sender ``""``. Encoding writes no sender at any depth; a ``sender`` key found in a body, at
+any depth, is ignored.
 """
 
 from __future__ import annotations
@@ -169,16 +175,39 @@ def _make_converter(detailed: bool = True) -> cattrs.Converter:
     c.register_unstructure_hook_factory(
         is_message, lambda cls: make_dict_unstructure_fn(cls, c, sender=override(omit=True))
     )
+    # A message nested in a field of another never has a sender: only the envelope's, which
+    # the broker stamps, is trusted, and it belongs to the outer message. A "sender" key in a
+    # nested body (no encoder writes one) is read as "" whatever it holds. The outer message
+    # is built by _top_level_hook instead, which takes its sender from the envelope.
     c.register_structure_hook_factory(
         is_message,
         lambda cls: make_dict_structure_fn(
-            cls, c, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=detailed
+            cls,
+            c,
+            _cattrs_forbid_extra_keys=True,
+            _cattrs_detailed_validation=detailed,
+            sender=override(struct_hook=_no_sender),
         ),
     )
     return c
 
 
-#: The cattrs converter used for message bodies (strict, with detailed error reports).
+def _no_sender(_value: object, _t: object) -> str:
+    """The sender of a nested message, whatever its body says."""
+    return ""
+
+
+def _top_level_hook(
+    c: cattrs.Converter, cls: type[Message], detailed: bool
+) -> Callable[[Any, Any], Message]:
+    """Structure ``cls`` from a map whose ``sender`` key the caller set (from the envelope)."""
+    return make_dict_structure_fn(
+        cls, c, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=detailed
+    )
+
+
+#: The cattrs converter used for message bodies (strict, with detailed error reports). It
+#: structures every message as a nested one (sender ``""``); the decoders stamp the sender.
 converter: cattrs.Converter = _make_converter()
 #: The same rules without detailed validation: the fast first try when decoding; a failure
 #: is then re-run through :data:`converter` for a precise message.
@@ -291,12 +320,16 @@ def _scalar_structurer(cls: type[Message]) -> _Structurer | None:
     return namespace["structure"]  # type: ignore[no-any-return]
 
 
+#: Per-class top-level structure hooks of :data:`converter` (the slow, explaining path).
+_DETAILED: dict[type, Callable[[Any, Any], Message]] = {}
+
+
 def _converter_structurer(cls: type[Message]) -> _Structurer:
-    hook = _fast_converter.get_structure_hook(cls)
+    hook = _top_level_hook(_fast_converter, cls, False)
 
     def structure(data: dict[str, Any], sender: str) -> Message:
         data["sender"] = sender
-        return hook(data, cls)  # type: ignore[no-any-return]
+        return hook(data, cls)
 
     return structure
 
@@ -329,7 +362,11 @@ def _explain(cls: type[Message], data: object, sender: str) -> Message:
         raise DecodeError(f"cannot decode message {_what(cls, sender)}: body is not a map")
     data["sender"] = sender
     try:
-        return converter.structure(data, cls)
+        try:
+            structure = _DETAILED[cls]
+        except KeyError:
+            structure = _DETAILED[cls] = _top_level_hook(converter, cls, True)
+        return structure(data, cls)
     except cattrs.BaseValidationError as exc:
         problems = "; ".join(
             cattrs.transform_error(exc, path=cls.__message_type__, format_exception=_fmt)
