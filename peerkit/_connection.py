@@ -30,6 +30,7 @@ import trio_websocket
 from . import codec, jsonwire
 from ._batching import MAX_BATCH
 from ._limits import DEFAULT_SEND_QUEUE_BYTES, TokenBucket
+from ._ratelog import DEFAULT_INTERVAL, RateLog
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, Envelope, control
 from .errors import DecodeError
 from .messages import BrokerGoodbyeMsg, MessagesDropped
@@ -66,6 +67,7 @@ class Connection:
         "_stalled",
         "answers",
         "backpressure",
+        "bad_frames",
         "base",
         "close_code",
         "close_reason",
@@ -117,6 +119,8 @@ class Connection:
         self.json = json
         self.max_message_size = max_message_size
         self.connected_at = time.time()
+        #: "bad frame" warnings: at most one per interval, with the count held back
+        self.bad_frames = RateLog(DEFAULT_INTERVAL, trio.current_time)
         #: the secret that lets this peer replace this connection if it comes back
         self.resume_token = secrets.token_urlsafe(18)
         self.limit = limit
@@ -387,7 +391,9 @@ class Connection:
                         else:
                             await trio.lowlevel.checkpoint()
             except DecodeError as exc:
-                log.warning("bad frame from %r: %s", self.peer_id, exc)
+                report = self.bad_frames.hit("frame")
+                if report is not None:
+                    log.warning("bad frame from %r: %s%s", self.peer_id, exc, report.more())
                 self.answer(control(Kind.ERROR, RequestFailed(code="bad_frame", detail=str(exc))))
             if self.backpressure:
                 await self._wait_for_lossless(stall_timeout)

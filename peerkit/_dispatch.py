@@ -250,7 +250,9 @@ class Dispatcher:
             f"{what} is {len(env.body)} bytes, over the broker's "
             f"max_message_size of {self.max_message_size} bytes; it was not delivered"
         )
-        log.warning("from %r: %s", conn.peer_id, detail)
+        report = conn.bad_frames.hit(("too_large", env.type))
+        if report is not None:
+            log.warning("from %r: %s%s", conn.peer_id, detail, report.more())
         self._refuse(conn, env, "too_large", detail)
 
     def _bad_names(self, env: Envelope) -> str:

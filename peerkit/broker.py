@@ -50,6 +50,18 @@ from .protocol import (
 from .routing import RoutingTable
 
 _PANICK_TYPE = PanickMsg.message_type()
+
+
+def _listener_port(listener: trio.SocketListener | trio.SSLListener[trio.SocketStream]) -> int:
+    """The port a trio listener (TCP, or TLS over TCP) is bound to."""
+    if isinstance(listener, trio.SSLListener):
+        transport = listener.transport_listener
+        assert isinstance(transport, trio.SocketListener)
+        listener = transport
+    port: int = listener.socket.getsockname()[1]
+    return port
+
+
 _PEER_LEFT_TYPE = PeerLeft.message_type()
 _PEER_JOINED_TYPE = PeerJoined.message_type()
 
@@ -281,16 +293,28 @@ class Broker(OwnNursery):
     async def _serve_until_shutdown(self, task_status: trio.TaskStatus[Broker]) -> None:
         async with trio.open_nursery() as nursery:
             if self.listen:
-                serve = functools.partial(
-                    trio_websocket.serve_websocket,
-                    self._serve_request,
-                    self.host,
-                    self._port,
-                    self.ssl_context,
-                    **self.websocket_options(),
+                # trio's listeners, and each connection's WebSocket handshake through
+                # trio-websocket's wrap_server_stream in a nursery of its own (see
+                # _serve_stream): serve_websocket runs trio-websocket's reader tasks in the
+                # server's nursery, where one raising (0.12.2 does, for a message over the
+                # limit that arrives while the connection closes) would end the broker
+                serve = (
+                    functools.partial(
+                        trio.serve_tcp, self._serve_stream, self._port, host=self.host
+                    )
+                    if self.ssl_context is None
+                    else functools.partial(
+                        trio.serve_ssl_over_tcp,
+                        self._serve_stream,
+                        self._port,
+                        self.ssl_context,
+                        host=self.host,
+                        https_compatible=True,
+                    )
                 )
-                server: trio_websocket.WebSocketServer = await nursery.start(serve)
-                self._port = server.port
+                listeners: list[trio.SocketListener | trio.SSLListener[trio.SocketStream]]
+                listeners = await nursery.start(serve)
+                self._port = _listener_port(listeners[0])
                 self._listening = True
                 log.info("broker listening on %s", self.url)
             self._running = True
@@ -360,6 +384,33 @@ class Broker(OwnNursery):
             conn.scope.cancel(reason="broker shut down")
 
     # ------------------------------------------------------------- connections
+    async def _serve_stream(
+        self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+    ) -> None:
+        """One accepted TCP (or TLS) connection of a listening broker: the WebSocket
+        handshake (trio-websocket), then :meth:`_serve_request`. Whatever happens in it,
+        trio-websocket's own tasks included, ends with this connection."""
+        try:
+            async with trio.open_nursery() as nursery:  # this connection's reader task
+                request: trio_websocket.WebSocketRequest | None = None
+                with trio.move_on_after(self.handshake_timeout):
+                    request = await trio_websocket.wrap_server_stream(
+                        nursery,
+                        stream,
+                        message_queue_size=MESSAGE_QUEUE,
+                        max_message_size=ws_max_frame(self.max_message_size),
+                        receive_buffer_size=RECEIVE_BUFFER,
+                    )
+                if request is not None:
+                    await self._serve_request(request)
+                nursery.cancel_scope.cancel(reason="the connection is served")
+        except* (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
+            pass  # the peer went away
+        except* Exception as group:
+            log.error("connection handler failed (the broker carries on)", exc_info=group)
+        finally:
+            await trio.aclose_forcefully(stream)
+
     async def _serve_request(self, request: trio_websocket.WebSocketRequest) -> None:
         # This runs in the server's nursery (or the application's handler): an exception
         # escaping it would take the server down, so whatever one connection does ends here.

@@ -541,8 +541,10 @@ def _checked(item: object) -> Envelope:
     if type(item) is not tuple or len(item) != 6:
         raise _bad("an envelope must be an array of 6 items")
     kind, typ, sender, corr, target, body = item
-    if type(kind) is not int or kind not in KIND_VALUES:
-        raise _bad(f"unknown envelope kind {kind!r}")
+    if type(kind) is not int:  # (no repr: a hostile value may be nested thousands deep)
+        raise _bad(f"unknown envelope kind: it must be an integer, got {type(kind).__name__}")
+    if kind not in KIND_VALUES:
+        raise _bad(f"unknown envelope kind {kind}")
     if type(typ) is not str or type(sender) is not str or type(target) is not str:
         raise _bad("type, sender and target must be strings")
     if type(corr) is not int or corr < 0:

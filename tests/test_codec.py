@@ -642,3 +642,14 @@ def test_envelope_head_is_the_packed_envelope_before_its_body(
     packed = msgpack.packb((kind, type_name, sender, corr, target, body), use_bin_type=True)
     head = codec.envelope_head(kind, type_name, sender, corr, target, size)
     assert head + body == packed == pack_envelope(kind, type_name, sender, corr, target, body)
+
+
+def test_a_deeply_nested_envelope_kind_is_refused_without_recursing() -> None:
+    """A hostile kind field nested thousands deep: a DecodeError, not a RecursionError while
+    the error message is built."""
+    deep: object = 0
+    for _ in range(400):
+        deep = [deep]
+    frame = msgpack.packb([deep, "T", "", 1, "", b"x"], use_bin_type=True)
+    with pytest.raises(DecodeError, match="must be an integer, got tuple"):
+        list(iter_envelopes(frame))

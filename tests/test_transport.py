@@ -4,6 +4,7 @@ application's server, and how close codes reach the peer."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -448,4 +449,22 @@ async def test_a_crowd_larger_than_the_handshake_cap_all_gets_in(nursery: trio.N
             assert all(p.error is None for p in peers)
             for p in peers:
                 await p.async_shutdown()
+        await broker.shutdown()
+
+
+async def test_a_stranger_cannot_end_the_broker_with_an_oversized_message_while_closing(
+    nursery: trio.Nursery,
+) -> None:
+    """trio-websocket 0.12.2's reader task raises for a message over its limit that arrives
+    while the connection closes; the broker runs each connection's tasks in a nursery of its
+    own, so that ends the connection, not the broker."""
+    with trio.fail_after(20):
+        broker = Broker()
+        await nursery.start(broker.run)
+        async with trio_websocket.open_websocket_url(broker.url) as ws:
+            await ws.send_message(b"\xc1")  # not a hello: rejected, closing
+            with contextlib.suppress(trio_websocket.ConnectionClosed):
+                await ws.send_message(b"x" * (3 << 20))  # over the limit, during the close
+        async with Peer(broker.url, "after") as peer:  # the broker is still there
+            assert peer.is_connected
         await broker.shutdown()
