@@ -84,7 +84,7 @@ class Dispatcher:
     def max_message_size(self) -> int:
         return self.limits.max_message_size
 
-    #: per message type: [published, routed, queries] (see :meth:`type_stats`)
+    #: per message type: [published, routed, queries, answered, answer µs in all]
     types: dict[str, list[int]] = attrs.field(factory=dict)
 
     def _count(self, msg_type: str) -> list[int]:
@@ -92,14 +92,21 @@ class Dispatcher:
         if row is None:
             # bounded: invented type names cannot grow it without end
             key = msg_type if len(self.types) < MAX_TYPE_STATS else "(other)"
-            row = self.types.setdefault(key, [0, 0, 0])
+            row = self.types.setdefault(key, [0, 0, 0, 0, 0])
         return row
 
     def type_stats(self) -> list[TypeInfo]:
         """Traffic per message type, for broker info (the dashboard shows it)."""
         return [
-            TypeInfo(msg_type=t, published=p, routed=r, queries=q)
-            for t, (p, r, q) in sorted(self.types.items())
+            TypeInfo(
+                msg_type=t,
+                published=p,
+                routed=r,
+                queries=q,
+                answered=a,
+                answer_ms=round(us / a / 1000, 3) if a else 0.0,
+            )
+            for t, (p, r, q, a, us) in sorted(self.types.items())
         ]
 
     def dispatch(self, conn: Connection, env: Envelope) -> None:
@@ -131,6 +138,11 @@ class Dispatcher:
         elif kind == Kind.REPLY or kind == Kind.QERR:
             pq = self.routing.close_query(env.corr, conn.peer_id)
             if pq is not None:
+                row = self._count(pq.msg_type)
+                row[3] += 1  # answered: its round trip through the handler, in µs
+                row[4] += round(
+                    1e6 * (trio.current_time() - pq.deadline + self.limits.query_deadline)
+                )
                 target = self.conns.get(pq.asker)
                 if target is not None:
                     target.push(

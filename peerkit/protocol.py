@@ -159,6 +159,9 @@ class TypeInfo(Message):
     published: int = 0  #: messages of the type peers published
     routed: int = 0  #: copies the broker routed to subscribers (before any drop)
     queries: int = 0  #: queries of the type the broker routed to a handler
+    answered: int = 0  #: of those, answered (a reply or an error from the handler)
+    #: mean time from the broker routing a query to the handler's answer, in ms
+    answer_ms: float = 0.0
 
 
 @message(type="peerkit.BrokerInfo")

@@ -91,7 +91,7 @@ async def test_broker_info_shows_the_state_and_its_base(broker: Broker) -> None:
 
 async def test_broker_info_counts_traffic_per_type(broker: Broker) -> None:
     with trio.fail_after(10):
-        from peerkit.messages import OkMsg
+        from peerkit.messages import ErrorMsg, OkMsg
 
         async with Peer(broker.url, "pub") as pub, Peer(broker.url, "sub") as sub:
             got = trio.Event()
@@ -107,6 +107,11 @@ async def test_broker_info_counts_traffic_per_type(broker: Broker) -> None:
             for _ in range(5):
                 await pub.send_message(OkMsg(detail="x"))
             await got.wait()
+            await sub.register_query_handler(ErrorMsg, lambda q: OkMsg(detail="fine"))
+            for _ in range(3):
+                await pub.query(ErrorMsg(code="c", details="d"))
             types = {t.msg_type: t for t in (await pub.broker_info()).types}
             ok = types[OkMsg.message_type()]
             assert (ok.published, ok.routed) == (5, 5)
+            asked = types[ErrorMsg.message_type()]
+            assert (asked.queries, asked.answered) == (3, 3) and asked.answer_ms > 0

@@ -176,6 +176,7 @@ function renderTypes(types, now) {
       String(t.published),
       String(t.routed),
       String(t.queries),
+      t.answered ? Number(t.answer_ms).toFixed(3) : "–",
     ]) {
       const td = document.createElement("td");
       td.textContent = text;
