@@ -68,19 +68,23 @@ def admit(
     return None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) means this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_bind(host: str, token: str | None) -> None:
     """Refuse to bind beyond loopback without a token."""
     if not isinstance(host, str) or not host:
         raise PeerkitError(f"host must be a non-empty string, got {host!r}")
     if token is not None and (not isinstance(token, str) or not token):
         raise PeerkitError("token must be a non-empty string (or None on loopback)")
-    if host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and token is None:
+    if not is_loopback(host) and token is None:
         raise PeerkitError(
             f"binding the broker to {host!r} exposes it beyond this machine; pass token='...' "
             "(a shared secret every peer must present) or bind 127.0.0.1"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import ipaddress
 import ssl
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ import trio
 import trio_websocket
 
 from . import codec, jsonwire
-from ._admission import BROKER_ID, admit, check_bind
+from ._admission import BROKER_ID, admit, check_bind, is_loopback
 from ._batching import MESSAGE_QUEUE, RECEIVE_BUFFER, batch_limit, ws_max_frame
 from ._checks import check_positive_int, check_seconds
 from ._connection import Connection, log
@@ -438,13 +437,7 @@ class Broker(OwnNursery):
         origins = [v for k, v in request.headers if k.lower() == b"origin"]
         if not origins:
             return True
-        host = urllib.parse.urlsplit(origins[0].decode("latin-1")).hostname or ""
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback(urllib.parse.urlsplit(origins[0].decode("latin-1")).hostname or "")
 
     async def _serve_connection(
         self, ws: trio_websocket.WebSocketConnection, *, json: bool = False

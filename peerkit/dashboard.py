@@ -29,7 +29,6 @@ import contextlib
 import functools
 import hmac
 import importlib.resources
-import ipaddress
 import logging
 import os
 import re
@@ -47,6 +46,7 @@ import trio
 import trio_websocket
 
 from . import codec, jsonwire
+from ._admission import is_loopback
 from ._batching import ws_max_frame
 from ._util import OwnNursery
 from .codec import DEFAULT_MAX_MESSAGE_SIZE, control, pack_envelope
@@ -77,15 +77,6 @@ _CSP = (
     "style-src 'self' 'unsafe-inline'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
 _BROKER_TIME_TYPE = "peerkit.BrokerTime"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Dashboard(OwnNursery):
@@ -119,7 +110,7 @@ class Dashboard(OwnNursery):
             raise PeerkitError(f"host must be a non-empty string, got {host!r}")
         if token is not None and (not isinstance(token, str) or not token):
             raise PeerkitError("token must be a non-empty string (or None on loopback)")
-        if not _is_loopback(host) and token is None:
+        if not is_loopback(host) and token is None:
             raise PeerkitError(
                 f"serving the dashboard on {host!r} exposes your peers beyond this machine; "
                 "pass the broker's token (token='...', --token) or bind 127.0.0.1"
