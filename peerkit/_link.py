@@ -162,14 +162,14 @@ class Link:
         """Items queued and not yet written."""
         return self._enqueued - self._sent
 
-    def push(self, data: bytes) -> None:
+    def push(self, data: bytes, *, wake: bool = True) -> None:
         """Queue a packed envelope; it goes out with the writer's next message (or with the
         reader's, when the reader is handling a frame: it writes what it queued at the
-        frame's end)."""
+        frame's end; or with the caller's, ``wake=False``, when it writes it itself)."""
         self._enqueued += 1
         self._tail = None
         self._out.append(data)
-        if not self._in_frame:
+        if wake and not self._in_frame:
             self._out_ready.set()
 
     def publish(self, msg_type: str, body: bytes) -> None:
@@ -218,9 +218,7 @@ class Link:
         corr = self._next_corr
         self._next_corr += 1
         pending = self._pending[corr] = Pending()
-        self._enqueued += 1
-        self._tail = None
-        self._out.append(pack_envelope(int(kind), type_name, "", corr, target, body))
+        self.push(pack_envelope(int(kind), type_name, "", corr, target, body), wake=False)
         try:
             with trio.move_on_after(timeout):
                 await self._write_inline()  # (or wakes the writer)

@@ -152,7 +152,7 @@ class Peer(StateMachine, OwnNursery):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         for name, value in vars(cls).items():
-            base = getattr(Peer, name, None) if "Peer" in globals() else None
+            base = getattr(Peer, name, None)
             if callable(base) and not name.startswith("__") and not callable(value):
                 raise PeerkitError(
                     f"{cls.__name__}.{name} = {value!r} hides the method Peer.{name}; "
