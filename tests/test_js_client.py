@@ -175,10 +175,16 @@ def test_client_constants_match_the_protocol() -> None:
     assert re.search(r"SUBPROTOCOL = `peerkit\.json\.v\$\{PROTOCOL_VERSION\}`", text)
 
 
+@pytest.fixture
+def node() -> str:
+    """The node executable (a plain fixture: a skip raised inside the test's trio run
+    would lose its reason)."""
+    return node_or_skip()
+
+
 async def test_browser_peer_and_python_peer_exchange_both_ways(
-    json_url: str, request: pytest.FixtureRequest
+    node: str, json_url: str, request: pytest.FixtureRequest
 ) -> None:
-    node = node_or_skip()
     broker: Broker = request.node.broker
     echoes: list[JsEcho] = []
     got_echoes = trio.Event()
